@@ -1,0 +1,182 @@
+"""Writing one participant's startup kit: ``<participant>/startup`` (signed) and ``local/``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from .certs import Identity
+from .project import Participant, Project
+from .signature import ROOT_CA_FILE, sign_folder
+
+STARTUP = "startup"
+LOCAL = "local"
+SITE_SETTINGS = "site.yaml"
+AGENT_CONFIG = "agent.json"
+SERVER_CONFIG = "server.json"
+ADMIN_CONFIG = "admin.json"
+CONNECTIONS_FILE = "connections.json"
+CONNECTION_TYPE = "flare"
+
+
+def cert_file(name: str) -> str:
+    return f"{name}.crt"
+
+
+def key_file(name: str) -> str:
+    return f"{name}.key"
+
+
+def connection_id(project_name: str) -> str:
+    """The Airflow connection id of a federation's server identity."""
+    return "flare_" + re.sub(r"[^A-Za-z0-9_]", "_", project_name)
+
+
+def _template(name: str) -> Template:
+    return Template(resources.files(__package__).joinpath("templates", name).read_text())
+
+
+def _write(path: Path, content: str | bytes, mode: int = 0o644) -> None:
+    data = content.encode() if isinstance(content, str) else content
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)  # the umask must not widen or narrow what we asked for
+
+
+def _write_json(path: Path, doc: dict, mode: int = 0o644) -> None:
+    _write(path, json.dumps(doc, indent=2, sort_keys=True) + "\n", mode)
+
+
+def site_endpoints(project: Project) -> dict[str, dict]:
+    return {
+        c.name: {"host": c.agent_host, "port": c.agent_port, "org": c.org, "gpus": list(c.gpus)}
+        for c in project.clients
+    }
+
+
+def write_kit(
+    kit_dir: Path, project: Project, participant: Participant, identity: Identity, root: Identity
+) -> None:
+    """Create ``kit_dir`` with the participant's files and sign its startup folder."""
+    startup = kit_dir / STARTUP
+    startup.mkdir(parents=True)
+    _write(startup / cert_file(participant.name), identity.cert_pem)
+    _write(startup / key_file(participant.name), identity.key_pem, 0o600)
+    _write(startup / ROOT_CA_FILE, root.cert_pem)
+    common = {
+        "project": project.name,
+        "org": participant.org,
+        "root_fingerprint": root.fingerprint,
+        "site": participant.name,
+    }
+    if participant.type == "client":
+        _write_client(kit_dir, project, participant, root, common)
+    elif participant.type == "server":
+        _write_server(startup, project, participant, identity, root, common)
+    else:
+        _write_admin(startup, project, participant, root, common)
+    sign_folder(startup, root)
+
+
+def _write_client(kit_dir: Path, project: Project, site: Participant, root: Identity, common: dict) -> None:
+    startup = kit_dir / STARTUP
+    config = {
+        "project": project.name,
+        "site": site.name,
+        "org": site.org,
+        "server": project.server.name,
+        "listen_host": "0.0.0.0",
+        "port": site.agent_port,
+        "agent_host": site.agent_host,
+        "cert": cert_file(site.name),
+        "key": key_file(site.name),
+        "root_ca": ROOT_CA_FILE,
+        "root_fingerprint": root.fingerprint,
+    }
+    _write_json(startup / AGENT_CONFIG, config)
+    values = {**common, "port": site.agent_port, "agent_host": site.agent_host, "docker_image": project.docker_image}
+    _write(startup / "start.sh", _template("start.sh").substitute(values), 0o755)
+    _write(startup / "stop.sh", _template("stop.sh").substitute(values), 0o755)
+    docker_line = ""
+    if project.docker_image:
+        _write(startup / "docker.sh", _template("docker.sh").substitute(values), 0o755)
+        docker_line = f"Docker:  DATA_DIR=/path/to/data startup/docker.sh   (image {project.docker_image})\n"
+    _write(startup / "readme.txt", _template("readme_client.txt").substitute(values, docker_line=docker_line))
+
+    local = kit_dir / LOCAL
+    local.mkdir()
+    settings = _template("site.yaml").substitute(
+        site=site.name,
+        data_dir="data",
+        gpus=json.dumps(list(site.gpus)),
+        allow_custom_code="true" if site.enable_byoc else "false",
+        work_dir="work",
+    )
+    _write(local / SITE_SETTINGS, settings)
+
+
+def _write_server(
+    startup: Path, project: Project, server: Participant, identity: Identity, root: Identity, common: dict
+) -> None:
+    sites = site_endpoints(project)
+    config = {
+        "project": project.name,
+        "server": server.name,
+        "org": server.org,
+        "cert": cert_file(server.name),
+        "key": key_file(server.name),
+        "root_ca": ROOT_CA_FILE,
+        "root_fingerprint": root.fingerprint,
+        "sites": sites,
+    }
+    _write_json(startup / SERVER_CONFIG, config)
+    conn_id = connection_id(project.name)
+    connection = {
+        conn_id: {
+            "conn_type": CONNECTION_TYPE,
+            "description": f"Server identity {server.name!r} of federation {project.name!r}",
+            # The private key goes into the masked password field; the rest is public.
+            "login": server.name,
+            "password": identity.key_pem.decode(),
+            "extra": json.dumps(
+                {
+                    "project": project.name,
+                    "cert_pem": identity.cert_pem.decode(),
+                    "root_ca_pem": root.cert_pem.decode(),
+                    "sites": sites,
+                }
+            ),
+        }
+    }
+    _write_json(startup / CONNECTIONS_FILE, connection, 0o600)
+    _write(
+        startup / "readme.txt",
+        _template("readme_server.txt").substitute(common, server=server.name, conn_id=conn_id),
+    )
+
+
+def _write_admin(startup: Path, project: Project, admin: Participant, root: Identity, common: dict) -> None:
+    config = {
+        "project": project.name,
+        "admin": admin.name,
+        "org": admin.org,
+        "role": admin.role,
+        "server": project.server.name,
+        "cert": cert_file(admin.name),
+        "key": key_file(admin.name),
+        "root_ca": ROOT_CA_FILE,
+        "root_fingerprint": root.fingerprint,
+        "sites": site_endpoints(project),
+    }
+    _write_json(startup / ADMIN_CONFIG, config)
+    _write(
+        startup / "readme.txt",
+        _template("readme_admin.txt").substitute(
+            common, admin=admin.name, role=admin.role, admin_kit_hint=f"<path to>/{admin.name}"
+        ),
+    )

@@ -1,0 +1,1 @@
+"""The site agent: what each site runs to train on its own data and GPUs. Needs no Airflow."""
