@@ -92,7 +92,7 @@ def _safe_members(zf: zipfile.ZipFile, source: str) -> list[tuple[zipfile.ZipInf
             continue
         if name.is_absolute() or ".." in name.parts or "\\" in info.filename or not name.parts:
             raise PackageError(f"{source}: entry {info.filename!r} would be written outside the target folder")
-        if mode and not stat.S_ISREG(mode):
+        if stat.S_IFMT(mode) not in (0, stat.S_IFREG):  # zips written without a type carry 0
             raise PackageError(f"{source}: entry {info.filename!r} is a link or special file")
         total += info.file_size
         if total > MAX_UNPACKED_BYTES:
