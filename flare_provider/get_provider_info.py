@@ -14,6 +14,39 @@ def get_provider_info() -> dict:
         "versions": [__version__],
         "integrations": [{"integration-name": INTEGRATION, "tags": ["ml", "federated-learning"]}],
         "operators": [
-            {"integration-name": INTEGRATION, "python-modules": ["flare_provider.operators.provision"]},
+            {
+                "integration-name": INTEGRATION,
+                "python-modules": [
+                    "flare_provider.operators.provision",
+                    "flare_provider.operators.deploy",
+                    "flare_provider.operators.scatter_gather",
+                ],
+            }
+        ],
+        "sensors": [{"integration-name": INTEGRATION, "python-modules": ["flare_provider.sensors.sites_ready"]}],
+        "hooks": [{"integration-name": INTEGRATION, "python-modules": ["flare_provider.hooks.flare"]}],
+        "triggers": [{"integration-name": INTEGRATION, "python-modules": ["flare_provider.triggers.round"]}],
+        "connection-types": [
+            {
+                "connection-type": "flare",
+                "hook-class-name": "flare_provider.hooks.flare.FlareHook",
+                "hook-name": "Federated Learning (FLARE)",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["host", "port", "schema"],
+                    "relabeling": {"login": "Server identity (CN)", "password": "Server private key (PEM)"},
+                    "placeholders": {"login": "airflow-server"},
+                },
+                "conn-fields": {
+                    "project": {"label": "Project", "schema": {"type": ["string", "null"]}},
+                    "cert_pem": {
+                        "label": "Server certificate (PEM)",
+                        "schema": {"type": ["string", "null"], "format": "multiline"},
+                    },
+                    "root_ca_pem": {
+                        "label": "Project root CA (PEM)",
+                        "schema": {"type": ["string", "null"], "format": "multiline"},
+                    },
+                },
+            }
         ],
     }

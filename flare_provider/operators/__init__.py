@@ -6,7 +6,11 @@ each lives in its own module so importing one does not import the others' depend
 
 from __future__ import annotations
 
-_OPERATORS = {"ProvisionOperator": "flare_provider.operators.provision"}
+_OPERATORS = {
+    "ProvisionOperator": "flare_provider.operators.provision",
+    "DeployAppOperator": "flare_provider.operators.deploy",
+    "ScatterGatherOperator": "flare_provider.operators.scatter_gather",
+}
 
 
 def __getattr__(name: str):

@@ -1,0 +1,333 @@
+"""``ScatterGatherOperator``: federated training rounds as one Airflow task.
+
+Each round scatters the global model to the sites, waits for their training (in the
+worker, or in the triggerer with ``deferrable=True``), aggregates the updates and commits
+a snapshot. A retry of the task resumes after the last committed round and re-attaches
+to the sites' tasks of a round that was in flight; nothing is trained twice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+if TYPE_CHECKING:
+    from flare_provider.federation.engine import FederatedRun
+
+SNAPSHOT_URI_ENV = "FLARE_SNAPSHOT_URI"
+BUILTIN_AGGREGATORS = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean")
+
+
+def default_snapshot_uri() -> str:
+    """``$FLARE_SNAPSHOT_URI``, else ``file://$AIRFLOW_HOME/flare-snapshots`` (the embedded default)."""
+    if os.environ.get(SNAPSHOT_URI_ENV):
+        return os.environ[SNAPSHOT_URI_ENV]
+    home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
+    return "file://" + os.path.join(os.path.abspath(home), "flare-snapshots")
+
+
+def _is_template(value: Any) -> bool:
+    return isinstance(value, str) and "{{" in value
+
+
+class ScatterGatherOperator(BaseOperator):
+    """Train ``app_name`` across the sites for ``num_rounds`` rounds.
+
+    :param app_name: the deployed app the sites train with (see ``DeployAppOperator``).
+    :param num_rounds: rounds to run.
+    :param min_clients: results needed for a round (default: every site).
+    :param sites: site names (default: every site of the connection).
+    :param wait_time_after_min_received: seconds to wait for stragglers once
+        ``min_clients`` results are in.
+    :param train_timeout: seconds a round may wait at most; late sites are dropped.
+    :param aggregator: ``fedavg``, ``fedprox``, ``fedadam``, ``fedyogi``, ``fedadagrad``,
+        ``median``, ``trimmed_mean`` or a class path; ``aggregator_args`` its parameters.
+    :param initial_model: a safetensors file or ``s3://`` / ``file://`` URI; ``"previous"``
+        for the final model of the latest finished run of this federation (warm start);
+        None to let a site build the app's initial model.
+    :param snapshot_uri: ``s3://bucket/prefix`` or ``file:///path`` (default
+        ``$FLARE_SNAPSHOT_URI`` or ``file://$AIRFLOW_HOME/flare-snapshots``).
+    :param aws_conn_id: an Airflow AWS connection for ``s3://`` (else the standard AWS chain).
+    :param federation: the name runs are filed under (default: the DAG id).
+    :param train_config: config every trainer gets each round (lr, epochs, ...);
+        ``round_configs`` maps a round number to overrides for that round.
+    :param num_gpus: GPUs per site task (default: 1 where a site has GPUs).
+    :param snapshot_every: commit every N rounds (the last round always).
+    :param evaluate: after the last round, every site evaluates the final model.
+    :param deferrable: wait for the sites in the triggerer, freeing the worker slot.
+    :param flare_conn_id: the federation's ``flare`` connection (the server kit).
+
+    Returns (to XCom): the snapshot URI, rounds done and the final metrics. Never weights.
+    """
+
+    template_fields: Sequence[str] = (
+        "app_name",
+        "num_rounds",
+        "min_clients",
+        "sites",
+        "wait_time_after_min_received",
+        "train_timeout",
+        "aggregator",
+        "aggregator_args",
+        "initial_model",
+        "snapshot_uri",
+        "federation",
+        "train_config",
+        "round_configs",
+        "num_gpus",
+    )
+    template_fields_renderers = {"train_config": "json", "aggregator_args": "json", "round_configs": "json"}
+    ui_color = "#cfe8ff"
+
+    def __init__(
+        self,
+        *,
+        app_name: str,
+        num_rounds: int | str = 5,
+        min_clients: int | str | None = None,
+        sites: Sequence[str] | None = None,
+        wait_time_after_min_received: float | str = 10.0,
+        train_timeout: float | str = 3600.0,
+        aggregator: str = "fedavg",
+        aggregator_args: Mapping[str, Any] | None = None,
+        initial_model: str | None = None,
+        snapshot_uri: str | None = None,
+        aws_conn_id: str | None = None,
+        federation: str | None = None,
+        train_config: Mapping[str, Any] | None = None,
+        round_configs: Mapping[int, Mapping[str, Any]] | None = None,
+        num_gpus: int | None = None,
+        snapshot_every: int = 1,
+        evaluate: bool = True,
+        deferrable: bool = False,
+        poll_interval: float = 2.0,
+        flare_conn_id: str = "flare_default",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.app_name = app_name
+        self.num_rounds = num_rounds
+        self.min_clients = min_clients
+        self.sites = list(sites) if sites is not None and not isinstance(sites, str) else sites
+        self.wait_time_after_min_received = wait_time_after_min_received
+        self.train_timeout = train_timeout
+        self.aggregator = aggregator
+        self.aggregator_args = dict(aggregator_args or {})
+        self.initial_model = initial_model
+        self.snapshot_uri = snapshot_uri
+        self.aws_conn_id = aws_conn_id
+        self.federation = federation
+        self.train_config = dict(train_config or {})
+        self.round_configs = dict(round_configs or {})
+        self.num_gpus = num_gpus
+        self.snapshot_every = snapshot_every
+        self.evaluate = evaluate
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        self.flare_conn_id = flare_conn_id
+        self._run: FederatedRun | None = None
+        self._check_arguments()
+
+    def _check_arguments(self) -> None:
+        """Catch what is wrong at DAG parse time, without importing anything heavy."""
+        problems = []
+        for name in ("num_rounds", "min_clients"):
+            value = getattr(self, name)
+            if value is not None and not _is_template(value) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        for name in ("wait_time_after_min_received", "train_timeout"):
+            value = getattr(self, name)
+            if not _is_template(value) and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                problems.append(f"{name} must be a non-negative number of seconds, got {value!r}")
+        if (
+            isinstance(self.aggregator, str)
+            and not _is_template(self.aggregator)
+            and self.aggregator not in BUILTIN_AGGREGATORS
+            and "." not in self.aggregator
+        ):
+            problems.append(f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(BUILTIN_AGGREGATORS)} or a class path")
+        if isinstance(self.sites, list) and (not self.sites or len(set(self.sites)) != len(self.sites)):
+            problems.append(f"sites must be distinct site names, got {self.sites!r}")
+        if (
+            isinstance(self.sites, list)
+            and isinstance(self.min_clients, int)
+            and self.min_clients > len(self.sites)
+        ):
+            problems.append(f"min_clients ({self.min_clients}) is more than the {len(self.sites)} sites given")
+        if not isinstance(self.snapshot_every, int) or self.snapshot_every < 1:
+            problems.append(f"snapshot_every must be a positive integer, got {self.snapshot_every!r}")
+        if self.snapshot_uri and not _is_template(self.snapshot_uri) and not self.snapshot_uri.startswith(("s3://", "file://")):
+            problems.append(f"snapshot_uri must be s3://bucket/prefix or file:///path, got {self.snapshot_uri!r}")
+        if problems:
+            raise ValueError(f"{type(self).__name__} {self.task_id!r}: " + "; ".join(problems))
+
+    # ---- building the run -------------------------------------------------------------
+
+    def _snapshot_store(self):
+        from flare_provider.snapshots import SnapshotStore
+
+        uri = self.snapshot_uri or default_snapshot_uri()
+        settings = None
+        if uri.startswith("s3://") and self.aws_conn_id:
+            settings = s3_settings_from_connection(self.get_connection(self.aws_conn_id))
+        return SnapshotStore(uri, s3_settings=settings)
+
+    def _build_run(self, context: Any) -> "FederatedRun":
+        from flare_provider.aggregation import AggregatorConfigError
+        from flare_provider.federation.engine import FederatedRun, RunSpec
+        from flare_provider.hooks.flare import FlareConnectionError, FlareHook
+
+        try:
+            kit = FlareHook(self.flare_conn_id).get_kit()
+            sites = tuple(self.sites or sorted(kit.sites))
+            spec = RunSpec(
+                federation=self.federation or self.dag_id,
+                run_id=context["run_id"],
+                app_name=self.app_name,
+                sites=sites,
+                num_rounds=int(self.num_rounds),
+                min_clients=int(self.min_clients) if self.min_clients is not None else len(sites),
+                wait_time_after_min_received=float(self.wait_time_after_min_received),
+                train_timeout=float(self.train_timeout),
+                aggregator=self.aggregator,
+                aggregator_args=self.aggregator_args,
+                train_config=self.train_config,
+                round_configs={int(k): v for k, v in self.round_configs.items()},
+                num_gpus=self.num_gpus,
+                snapshot_every=self.snapshot_every,
+            )
+            run = FederatedRun(
+                spec,
+                kit,
+                self._snapshot_store(),
+                initial_model=self.initial_model,
+                logger=self.log,
+                extra_state={"airflow": {"dag_id": self.dag_id, "task_id": self.task_id, "run_id": context["run_id"]}},
+            )
+        except (ValueError, AggregatorConfigError, FlareConnectionError) as exc:
+            # Wrong arguments or connection: a retry cannot fix it, and no site was contacted.
+            raise AirflowFailException(str(exc)) from exc
+        self._run = run
+        return run
+
+    # ---- execution --------------------------------------------------------------------
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from flare_provider.federation.engine import RoundFailed
+
+        run = self._build_run(context)
+        try:
+            progress = run.restore()
+            if not self.deferrable:
+                return self._finish(run, run.run_rounds(progress))
+            if progress.round >= run.spec.num_rounds:
+                return self._finish(run, progress)
+            self._defer_round(run, progress)
+        except RoundFailed as exc:
+            raise RoundFailedError(str(exc)) from exc
+        finally:
+            run.close()
+        return {}  # not reached: defer() raises
+
+    def _defer_round(self, run: "FederatedRun", progress) -> None:
+        from flare_provider.triggers.round import RoundTrigger
+
+        flight = run.scatter(progress)
+        run.in_flight = None  # the trigger watches it now; this process lets go
+        self.defer(
+            trigger=RoundTrigger(
+                flare_conn_id=self.flare_conn_id,
+                task_ids={s: t for s, t in flight.task_ids.items() if s not in flight.dropped},
+                min_clients=run.spec.min_clients,
+                wait_time_after_min_received=run.spec.wait_time_after_min_received,
+                deadline=flight.deadline,
+                poll_interval=self.poll_interval,
+            ),
+            method_name="execute_complete",
+            kwargs={"round": flight.round, "task_ids": flight.task_ids, "dropped": flight.dropped,
+                    "started_at": flight.started_at, "deadline": flight.deadline},
+        )
+
+    def execute_complete(self, context: Any, event: dict[str, Any], **flight_kwargs: Any) -> dict[str, Any]:
+        """Back from the trigger: aggregate the round, then defer for the next one or finish."""
+        from flare_provider.client import TaskInfo
+        from flare_provider.federation.engine import InFlight, RoundFailed
+
+        run = self._build_run(context)
+        try:
+            progress = run.restore()
+            flight = InFlight(
+                flight_kwargs["round"], dict(flight_kwargs["task_ids"]), flight_kwargs["started_at"],
+                flight_kwargs["deadline"], dict(flight_kwargs["dropped"]),
+            )
+            if progress.round >= flight.round:  # committed already by an earlier try
+                self.log.info("Round %d is committed already", flight.round)
+            else:
+                run.resume_round(progress, flight)
+                infos = {site: TaskInfo(**state) for site, state in event.get("tasks", {}).items()}
+                for site, error in event.get("errors", {}).items():
+                    flight.dropped.setdefault(site, f"unreachable: {error}")
+                self.log.info("Round %d: %s", flight.round, event.get("reason"))
+                run.collect(flight, infos)
+                progress = run.finish_round(progress, flight, infos)
+            if progress.round >= run.spec.num_rounds:
+                return self._finish(run, progress)
+            self._defer_round(run, progress)
+        except RoundFailed as exc:
+            raise RoundFailedError(str(exc)) from exc
+        finally:
+            run.close()
+        return {}
+
+    def _finish(self, run: "FederatedRun", progress) -> dict[str, Any]:
+        spec = run.spec
+        uri = run.finalize(progress)
+        result: dict[str, Any] = {
+            "federation": spec.federation,
+            "run_id": spec.run_id,
+            "rounds_done": progress.round,
+            "snapshot_uri": uri,
+            "model_uri": f"{uri}/model.safetensors",
+            "final_metrics": progress.metrics,
+        }
+        if self.evaluate:
+            evaluation = run.evaluate(progress)
+            result["evaluation"] = evaluation
+            self.log.info("Final evaluation: global %s; per site %s", evaluation["global"],
+                          {s: r.get("metrics", r.get("error")) for s, r in evaluation["sites"].items()})
+        self.log.info("Federation %s finished %d rounds; model at %s", spec.federation, progress.round, result["model_uri"])
+        return result
+
+    def on_kill(self) -> None:
+        """Marked failed or cleared in the UI: stop the sites' trainings of the round in flight."""
+        if self._run is not None:
+            self._run.abort()
+
+
+class RoundFailedError(RuntimeError):
+    """Too few sites for a round; Airflow may retry (sites can come back, their results are kept)."""
+
+
+def s3_settings_from_connection(conn: Any) -> dict[str, Any]:
+    """boto3 settings from an Airflow AWS connection (no Amazon provider needed).
+
+    Reads login/password as the access key pair and ``endpoint_url``, ``region_name``,
+    ``aws_session_token`` (also under ``extra.config_kwargs``/``service_config.s3``) from extra.
+    """
+    extra = conn.extra_dejson
+    settings: dict[str, Any] = {}
+    if conn.login:
+        settings["aws_access_key_id"] = conn.login
+    if conn.password:
+        settings["aws_secret_access_key"] = conn.password
+    endpoint = extra.get("endpoint_url") or extra.get("service_config", {}).get("s3", {}).get("endpoint_url") or conn.host
+    if endpoint:
+        settings["endpoint_url"] = endpoint
+    for key in ("region_name", "aws_session_token"):
+        if extra.get(key):
+            settings[key] = extra[key]
+    return settings

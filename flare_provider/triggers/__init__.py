@@ -1,0 +1,1 @@
+"""Airflow triggers of the provider (run in the triggerer, never in dags/)."""
