@@ -69,6 +69,12 @@ def xcom_value(dag_run, task_id: str):
         return None if row is None else XComModel.deserialize_value(row)
 
 
+@pytest.fixture
+def xcom():
+    """``xcom(dag_run, task_id)``: the value the task returned (conftest modules cannot be imported by name)."""
+    return xcom_value
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)
 

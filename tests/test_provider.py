@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import xcom_value
-
 from flare_provider.provisioning import verify_folder
 
 PROVISION_DAG = """
@@ -47,7 +45,7 @@ def test_provider_info_passes_airflows_schema():
     _create_provider_info_schema_validator().validate(get_provider_info())  # raises when invalid
 
 
-def test_provision_operator_in_a_real_dag_run(run_dag, tmp_path, sample_project_file):
+def test_provision_operator_in_a_real_dag_run(run_dag, xcom, tmp_path, sample_project_file):
     workspace = tmp_path / "ws"
     dag_run = run_dag(
         PROVISION_DAG,
@@ -55,7 +53,7 @@ def test_provision_operator_in_a_real_dag_run(run_dag, tmp_path, sample_project_
         conf={"project_file": str(sample_project_file), "workspace": str(workspace)},
     )
     assert dag_run.state == "success"
-    summary = xcom_value(dag_run, "provision")
+    summary = xcom(dag_run, "provision")
     assert summary["prod_dir"] == str(workspace / "hospital_federation" / "prod_01")
     assert set(summary["kits"]) == {"airflow-server", "hospital-a", "hospital-b", "hospital-c",
                                     "admin@lead-lab.example", "it@hospital-a.example"}

@@ -1,0 +1,91 @@
+"""What a model looks like: tensor names, shapes and dtypes, without the values.
+
+An update is checked against the global model's spec before a single value of it is
+read, so a malformed or oversized file is refused cheaply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+# safetensors dtype codes that numpy can hold. BF16 and FP8 have no numpy dtype, so a
+# model in those types cannot be aggregated here; trainers send float32 or float16.
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+
+# Room for the safetensors header (names, shapes, offsets, metadata) on top of the data.
+HEADER_ALLOWANCE_BYTES = 1 << 20
+HEADER_ALLOWANCE_PER_TENSOR = 1024
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def describe(self) -> str:
+        return f"{self.dtype.name}{list(self.shape)}"
+
+
+class ModelSpec(Mapping[str, TensorSpec]):
+    """Tensor name -> (shape, dtype) of a model, in the model's own order."""
+
+    def __init__(self, tensors: Mapping[str, TensorSpec]):
+        self._tensors = dict(tensors)
+
+    @classmethod
+    def of(cls, weights: Mapping[str, np.ndarray]) -> ModelSpec:
+        """The spec of in-memory weights; refuses dtypes an update could not be stored in."""
+        specs = {}
+        for name, array in weights.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+            if not isinstance(array, np.ndarray):
+                raise ValueError(f"tensor {name!r} is a {type(array).__name__}, not a numpy array")
+            if array.dtype not in SAFETENSORS_DTYPES.values():
+                raise ValueError(f"tensor {name!r} has dtype {array.dtype}, which safetensors files cannot carry here")
+            specs[name] = TensorSpec(tuple(int(d) for d in array.shape), array.dtype)
+        if not specs:
+            raise ValueError("a model needs at least one tensor")
+        return cls(specs)
+
+    def __getitem__(self, name: str) -> TensorSpec:
+        return self._tensors[name]
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data in the model."""
+        return sum(spec.nbytes for spec in self._tensors.values())
+
+    def max_file_bytes(self) -> int:
+        """The largest safetensors file an update of this model can honestly be."""
+        return self.nbytes + HEADER_ALLOWANCE_BYTES + HEADER_ALLOWANCE_PER_TENSOR * len(self)
+
+    def floating(self) -> list[str]:
+        """Names of the floating-point tensors (the ones an optimizer steps)."""
+        return [name for name, spec in self._tensors.items() if spec.dtype.kind == "f"]

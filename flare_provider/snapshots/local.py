@@ -1,0 +1,99 @@
+"""``file:///path`` snapshots: a folder on a local or mounted file system."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from urllib.parse import unquote, urlparse
+
+from .backend import Backend
+from .errors import SnapshotError
+from .files import CHUNK_BYTES, atomic_file, file_digest
+
+
+def path_from_file_uri(uri: str) -> Path:
+    """``file:///some/path`` -> ``/some/path``."""
+    parts = urlparse(uri)
+    if parts.scheme != "file" or parts.netloc not in ("", "localhost") or not parts.path:
+        raise ValueError(f"a file URI names a local absolute path (file:///path), got {uri!r}")
+    return Path(unquote(parts.path))
+
+
+class LocalBackend(Backend):
+    def __init__(self, root: Path):
+        if not root.is_absolute():
+            raise ValueError(f"a file snapshot store needs an absolute path, got {str(root)!r}")
+        self.root = root
+
+    def uri(self, key: str = "") -> str:
+        return (self.root / key).as_uri() if key else self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*key.split("/")) if key else self.root
+
+    def put_file(self, key: str, path: Path) -> None:
+        target = self._path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "rb") as src, atomic_file(target) as out:
+                shutil.copyfileobj(src, out, CHUNK_BYTES)
+        except OSError as exc:
+            raise SnapshotError(f"{self.uri(key)}: cannot write: {exc.strerror or exc}") from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        target = self._path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(target) as out:
+                out.write(data)
+        except OSError as exc:
+            raise SnapshotError(f"{self.uri(key)}: cannot write: {exc.strerror or exc}") from None
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SnapshotError(f"{self.uri(key)}: cannot read: {exc.strerror or exc}") from None
+
+    def download(self, key: str, dest: Path) -> bool:
+        try:
+            shutil.copyfile(self._path(key), dest)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise SnapshotError(f"{self.uri(key)}: cannot copy to {dest}: {exc.strerror or exc}") from None
+        return True
+
+    def digest(self, key: str) -> tuple[str, int] | None:
+        try:
+            return file_digest(self._path(key))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SnapshotError(f"{self.uri(key)}: cannot read: {exc.strerror or exc}") from None
+
+    def list_folders(self, prefix: str) -> list[str]:
+        folder = self._path(prefix)
+        try:
+            return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise SnapshotError(f"{self.uri(prefix)}: cannot list: {exc.strerror or exc}") from None
+
+    def list_keys(self, prefix: str) -> list[str]:
+        folder = self._path(prefix)
+        try:
+            return sorted(
+                p.relative_to(folder).as_posix()
+                for p in folder.rglob("*")
+                if p.is_file() and not p.name.startswith(".")
+            )
+        except OSError as exc:
+            raise SnapshotError(f"{self.uri(prefix)}: cannot list: {exc.strerror or exc}") from None
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)

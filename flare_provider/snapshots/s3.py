@@ -1,0 +1,240 @@
+"""``s3://bucket/prefix`` snapshots through boto3, on AWS or any S3-compatible endpoint.
+
+Only the standard S3 API is used (put, get, head-less listing, managed multipart
+transfers), so MinIO, Ceph and other compatible stores work. Large files stream from and
+to disk through boto3's managed transfer; nothing the size of a model is held in memory.
+Transient failures (connection refused or reset, timeouts, 5xx, throttling) are retried
+a bounded number of times with exponential backoff, then raise :class:`SnapshotError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+from .backend import Backend
+from .errors import SnapshotError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: What ``s3_settings`` may hold; anything else is refused so that a typo is not ignored.
+S3_SETTINGS = frozenset(
+    {
+        "endpoint_url",
+        "region_name",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "profile_name",
+        "addressing_style",
+        "verify",
+        "connect_timeout",
+        "read_timeout",
+    }
+)
+_SESSION_SETTINGS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "profile_name", "region_name")
+_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "InternalError", "ServiceUnavailable"}
+)
+_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_MAX_DELAY_S = 30.0
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")``."""
+    parts = urlparse(uri)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise ValueError(f"not an S3 URI (s3://bucket/prefix): {uri!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"an S3 URI takes no query or fragment: {uri!r}")
+    return parts.netloc, parts.path.strip("/")
+
+
+def make_s3_client(settings: Mapping[str, Any] | None = None):
+    """A boto3 S3 client from ``settings`` (see :data:`S3_SETTINGS`), else the standard AWS chain.
+
+    With an ``endpoint_url`` (an S3-compatible store) path-style addressing is the default.
+    boto3's own retries are kept short; :class:`S3Backend` retries whole operations.
+    """
+    import boto3
+    from botocore.config import Config
+
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - S3_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown S3 settings {unknown}; allowed: {sorted(S3_SETTINGS)}")
+    session = boto3.session.Session(**{k: settings[k] for k in _SESSION_SETTINGS if settings.get(k) is not None})
+    style = settings.get("addressing_style") or ("path" if settings.get("endpoint_url") else "auto")
+    config = Config(
+        retries={"total_max_attempts": 2, "mode": "standard"},
+        connect_timeout=settings.get("connect_timeout", 10),
+        read_timeout=settings.get("read_timeout", 60),
+        s3={"addressing_style": style},
+    )
+    kwargs: dict[str, Any] = {"config": config}
+    if settings.get("endpoint_url"):
+        kwargs["endpoint_url"] = settings["endpoint_url"]
+    if "verify" in settings:
+        kwargs["verify"] = settings["verify"]
+    return session.client("s3", **kwargs)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the S3 call that raised ``exc`` may succeed."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ClientError):
+            error = current.response.get("Error", {})
+            status = current.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            return status >= 500 or status in (408, 429) or error.get("Code") in _TRANSIENT_CODES
+        if isinstance(current, (HTTPClientError, ConnectionError, IncompleteReadError, TimeoutError)):
+            return True
+        # boto3 wraps transfer failures; look at what they wrap.
+        current = getattr(current, "last_exception", None) or current.__cause__ or current.__context__
+    return False
+
+
+def _is_missing(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError
+
+    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in _MISSING_CODES
+
+
+class S3Backend(Backend):
+    """Keys under ``s3://bucket/prefix``.
+
+    :param client: a boto3 S3 client.
+    :param attempts: tries per operation before giving up (at least 1).
+    :param backoff_s: delay before the first retry; doubled for each further one.
+    :param transfer_config: a ``boto3.s3.transfer.TransferConfig`` for large files.
+    """
+
+    def __init__(
+        self,
+        client,
+        bucket: str,
+        prefix: str = "",
+        *,
+        attempts: int = 4,
+        backoff_s: float = 0.5,
+        transfer_config=None,
+    ):
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(f"attempts must be an integer >= 1, got {attempts!r}")
+        if not isinstance(backoff_s, (int, float)) or backoff_s < 0:
+            raise ValueError(f"backoff_s must be a number >= 0, got {backoff_s!r}")
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.attempts = attempts
+        self.backoff_s = float(backoff_s)
+        self.transfer_config = transfer_config
+
+    def uri(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{self._key(key)}" if (key or self.prefix) else f"s3://{self.bucket}"
+
+    def _key(self, key: str) -> str:
+        return "/".join(part for part in (self.prefix, key) if part)
+
+    def _call(self, what: str, key: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` with bounded retries of transient failures."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return fn()
+            except SnapshotError:
+                raise
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise SnapshotError(f"{self.uri(key)}: cannot {what}: {exc}") from None
+                if attempt == self.attempts:
+                    raise SnapshotError(
+                        f"{self.uri(key)}: cannot {what} after {self.attempts} attempts: {exc}"
+                    ) from None
+                delay = min(_MAX_DELAY_S, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                log.warning("S3 %s of %s failed (%s); retry %d of %d in %.1f s",
+                            what, self.uri(key), exc, attempt, self.attempts - 1, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def put_file(self, key: str, path: Path) -> None:
+        self._call(
+            "upload",
+            key,
+            lambda: self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer_config),
+        )
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call("write", key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
+
+    def get_bytes(self, key: str) -> bytes | None:
+        def get() -> bytes | None:
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            except Exception as exc:
+                if _is_missing(exc):
+                    return None
+                raise
+            return response["Body"].read()
+
+        return self._call("read", key, get)
+
+    def download(self, key: str, dest: Path) -> bool:
+        def fetch() -> bool:
+            try:
+                self.client.download_file(self.bucket, self._key(key), str(dest), Config=self.transfer_config)
+            except Exception as exc:
+                if _is_missing(exc):
+                    return False
+                raise
+            return True
+
+        return self._call("download", key, fetch)
+
+    def digest(self, key: str) -> tuple[str, int] | None:
+        def stream() -> tuple[str, int] | None:
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            except Exception as exc:
+                if _is_missing(exc):
+                    return None
+                raise
+            digest, size = hashlib.sha256(), 0
+            for chunk in response["Body"].iter_chunks(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+            return digest.hexdigest(), size
+
+        return self._call("read", key, stream)
+
+    def _list(self, prefix: str, delimiter: bool) -> tuple[list[str], list[str]]:
+        base = self._key(prefix)
+        base = f"{base}/" if base else ""
+
+        def listing() -> tuple[list[str], list[str]]:
+            folders, keys = [], []
+            kwargs = {"Bucket": self.bucket, "Prefix": base}
+            if delimiter:
+                kwargs["Delimiter"] = "/"
+            for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
+                folders += [p["Prefix"][len(base) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+                keys += [o["Key"][len(base) :] for o in page.get("Contents", [])]
+            return folders, keys
+
+        return self._call("list", prefix, listing)
+
+    def list_folders(self, prefix: str) -> list[str]:
+        return sorted(self._list(prefix, delimiter=True)[0])
+
+    def list_keys(self, prefix: str) -> list[str]:
+        return sorted(self._list(prefix, delimiter=False)[1])

@@ -1,0 +1,396 @@
+"""The snapshot store: one committed folder per round, visible only once complete.
+
+Layout, under ``file:///path`` or ``s3://bucket/prefix``::
+
+    <root>/<federation>/<run>/round_00007/model.safetensors         the global weights
+    <root>/<federation>/<run>/round_00007/server_state.safetensors  optimizer tensors (optional)
+    <root>/<federation>/<run>/round_00007/state.json                round and aggregator state
+    <root>/<federation>/<run>/round_00007/COMMIT                    written last
+    <root>/<federation>/<run>/FINAL                                 the run's final round
+
+``COMMIT`` lists every other file of the round with its SHA-256 and size. A round is
+visible only once its ``COMMIT`` exists, so a worker dying mid-write leaves nothing a
+reader would take; a round whose files do not match ``COMMIT`` is skipped in favour of
+the previous one, with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from .backend import Backend
+from .errors import SnapshotCorrupted, SnapshotError
+from .files import file_digest
+from .local import LocalBackend, path_from_file_uri
+from .naming import decode_name, encode_name, parse_round_folder, round_folder
+from .s3 import S3Backend, make_s3_client, parse_s3_uri
+from .tensors import load_tensors, write_tensors
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+SERVER_STATE_FILE = "server_state.safetensors"
+STATE_FILE = "state.json"
+COMMIT_FILE = "COMMIT"
+FINAL_FILE = "FINAL"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A committed round whose checksums verified when it was read."""
+
+    federation: str
+    run: str
+    round: int
+    uri: str
+    state: dict[str, Any]
+    files: dict[str, dict[str, Any]] = field(repr=False)
+    committed_at: str = ""
+
+    @property
+    def model_uri(self) -> str:
+        return f"{self.uri}/{MODEL_FILE}"
+
+    @property
+    def has_server_state(self) -> bool:
+        return SERVER_STATE_FILE in self.files
+
+
+def open_backend(uri: str, *, s3_client=None, s3_settings: Mapping[str, Any] | None = None, **s3_options) -> Backend:
+    """The backend for a ``file://`` or ``s3://`` URI."""
+    if not isinstance(uri, str):
+        raise ValueError(f"a snapshot store URI must be a string, got {uri!r}")
+    scheme = urlparse(uri).scheme
+    if scheme == "file":
+        return LocalBackend(path_from_file_uri(uri))
+    if scheme == "s3":
+        bucket, prefix = parse_s3_uri(uri)
+        if s3_client is None:
+            s3_client = make_s3_client(s3_settings)
+        elif s3_settings:
+            raise ValueError("give either an S3 client or S3 settings, not both")
+        return S3Backend(s3_client, bucket, prefix, **s3_options)
+    raise ValueError(f"unsupported snapshot store {uri!r}; use file:///absolute/path or s3://bucket/prefix")
+
+
+class SnapshotStore:
+    """Committed rounds of federated runs, on a local file system or S3.
+
+    :param uri: ``file:///absolute/path`` or ``s3://bucket/prefix``.
+    :param s3_client: a boto3 S3 client to use (for example from an Airflow AWS connection).
+    :param s3_settings: else settings for a new client: ``endpoint_url``, ``region_name``,
+        ``aws_access_key_id``, ``aws_secret_access_key``, ``aws_session_token``,
+        ``profile_name``, ``addressing_style``, ``verify``, ``connect_timeout``,
+        ``read_timeout``; without either, the standard AWS credential chain.
+    :param attempts: tries per S3 operation before :class:`SnapshotError` (at least 1).
+    :param backoff_s: delay before the first S3 retry, doubled for each further one.
+    :param transfer_config: a ``boto3.s3.transfer.TransferConfig`` for large files.
+    :param tmp_dir: where downloads and serialized models are staged (default: system temp).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        s3_client=None,
+        s3_settings: Mapping[str, Any] | None = None,
+        attempts: int = 4,
+        backoff_s: float = 0.5,
+        transfer_config=None,
+        tmp_dir: str | Path | None = None,
+    ):
+        options = {"attempts": attempts, "backoff_s": backoff_s, "transfer_config": transfer_config}
+        self.backend = open_backend(uri, s3_client=s3_client, s3_settings=s3_settings, **options)
+        self.uri = self.backend.uri()
+        self.tmp_dir = Path(tmp_dir) if tmp_dir is not None else None
+
+    def __repr__(self) -> str:
+        return f"SnapshotStore({self.uri!r})"
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def commit_round(
+        self,
+        federation: str,
+        run: str,
+        round_number: int,
+        weights_or_file: Mapping[str, np.ndarray] | str | os.PathLike,
+        state: Mapping[str, Any],
+        *,
+        state_tensors: Mapping[str, np.ndarray] | None = None,
+    ) -> str:
+        """Store a round's model and state and commit it; returns the round's URI.
+
+        ``weights_or_file`` is the new global weights or a safetensors file holding them;
+        ``state`` is JSON (round metrics, ``aggregator.state()`` meta, ...);
+        ``state_tensors`` the aggregator's tensors (``aggregator.state()[0]``). A round that
+        is committed already is never overwritten.
+        """
+        folder = self._round_key(federation, run, round_number)
+        state_bytes = _state_json(state)
+        if self.backend.get_bytes(f"{folder}/{COMMIT_FILE}") is not None:
+            raise SnapshotError(
+                f"{self.backend.uri(folder)} is committed already; a committed round is never rewritten"
+            )
+        with self._staging() as staging:
+            files = {MODEL_FILE: self._model_file(weights_or_file, staging)}
+            if state_tensors:
+                files[SERVER_STATE_FILE] = write_tensors(state_tensors, staging / SERVER_STATE_FILE, "state tensors")
+            state_path = staging / STATE_FILE
+            state_path.write_bytes(state_bytes)
+            files[STATE_FILE] = state_path
+            manifest = {}
+            for name, path in files.items():
+                sha256, size = file_digest(path)
+                manifest[name] = {"sha256": sha256, "size": size}
+            for name, path in files.items():
+                self.backend.put_file(f"{folder}/{name}", path)
+        commit = {
+            "format": FORMAT_VERSION,
+            "federation": federation,
+            "run": run,
+            "round": round_number,
+            "committed_at": _now(),
+            "files": manifest,
+        }
+        # The marker goes last: until it exists, readers do not see the round at all.
+        self.backend.put_bytes(f"{folder}/{COMMIT_FILE}", _json_bytes(commit))
+        uri = self.backend.uri(folder)
+        log.info("committed %s", uri)
+        return uri
+
+    def mark_final(self, federation: str, run: str, round_number: int) -> str:
+        """Record ``round_number`` (committed, verified) as the final model of ``run``."""
+        snapshot = self.get_round(federation, run, round_number)
+        marker = {"round": round_number, "marked_at": _now(), "model_sha256": snapshot.files[MODEL_FILE]["sha256"]}
+        self.backend.put_bytes(f"{self._run_key(federation, run)}/{FINAL_FILE}", _json_bytes(marker))
+        return snapshot.uri
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def latest(self, federation: str, run: str) -> Snapshot | None:
+        """The newest committed round of ``run`` whose files verify, or None.
+
+        A round that does not verify is skipped with a warning naming it. A store that
+        cannot be reached raises :class:`SnapshotError` instead: an older round is never
+        taken for lack of an answer.
+        """
+        for round_number in reversed(self.list_rounds(federation, run)):
+            try:
+                return self.get_round(federation, run, round_number)
+            except SnapshotCorrupted as exc:
+                log.warning("skipping snapshot: %s", exc)
+        return None
+
+    def get_round(self, federation: str, run: str, round_number: int) -> Snapshot:
+        """A committed round, verified against its checksums; :class:`SnapshotCorrupted` if it is
+        not committed or does not verify."""
+        folder = self._round_key(federation, run, round_number)
+        where = self.backend.uri(folder)
+        raw = self.backend.get_bytes(f"{folder}/{COMMIT_FILE}")
+        if raw is None:
+            raise SnapshotCorrupted(f"{where} is not committed")
+        files, committed_at = _parse_commit(raw, where)
+        state_raw = self.backend.get_bytes(f"{folder}/{STATE_FILE}")
+        if state_raw is None:
+            raise SnapshotCorrupted(f"{where}: {STATE_FILE} is missing")
+        _check(where, STATE_FILE, files[STATE_FILE], _bytes_digest(state_raw))
+        for name in sorted(files):
+            if name != STATE_FILE:
+                _check(where, name, files[name], self.backend.digest(f"{folder}/{name}"))
+        try:
+            state = json.loads(state_raw)
+        except ValueError as exc:
+            raise SnapshotCorrupted(f"{where}: {STATE_FILE} is not JSON: {exc}") from None
+        return Snapshot(federation, run, round_number, where, state, files, committed_at)
+
+    def load_weights(self, snapshot: Snapshot) -> dict[str, np.ndarray]:
+        """The snapshot's global weights, checked against its checksum once more."""
+        with self._fetch(snapshot, MODEL_FILE) as path:
+            return load_tensors(path, f"{snapshot.uri}/{MODEL_FILE}")
+
+    def load_server_state(self, snapshot: Snapshot) -> dict[str, np.ndarray]:
+        """The aggregator tensors committed with the snapshot (empty if there were none)."""
+        if not snapshot.has_server_state:
+            return {}
+        with self._fetch(snapshot, SERVER_STATE_FILE) as path:
+            return load_tensors(path, f"{snapshot.uri}/{SERVER_STATE_FILE}")
+
+    def download_weights(self, snapshot: Snapshot, dest: str | Path) -> Path:
+        """Write the snapshot's model file to ``dest`` (streamed, verified)."""
+        dest = Path(dest)
+        with self._fetch(snapshot, MODEL_FILE) as path:
+            shutil.copyfile(path, dest)
+        return dest
+
+    def find_final(self, federation: str, run: str | None = None) -> Snapshot | None:
+        """The final model of ``run``, or of the most recently finished run of ``federation``.
+
+        For warm starts: with no ``run``, finished runs are tried newest first (by when
+        they were marked final) and one whose model does not verify is skipped with a
+        warning. With a ``run``, a final round that does not verify raises.
+        """
+        if run is not None:
+            marker = self._final_marker(federation, run)
+            return None if marker is None else self.get_round(federation, run, marker["round"])
+        finished = []
+        for name in self.list_runs(federation):
+            try:
+                marker = self._final_marker(federation, name)
+            except SnapshotCorrupted as exc:
+                log.warning("skipping run %r: %s", name, exc)
+                continue
+            if marker is not None:
+                finished.append((str(marker.get("marked_at", "")), name, marker["round"]))
+        for _, name, round_number in sorted(finished, reverse=True):
+            try:
+                return self.get_round(federation, name, round_number)
+            except SnapshotCorrupted as exc:
+                log.warning("skipping final model of run %r: %s", name, exc)
+        return None
+
+    def list_federations(self) -> list[str]:
+        """Federations with anything stored."""
+        return sorted(n for n in map(decode_name, self.backend.list_folders("")) if n is not None)
+
+    def list_runs(self, federation: str) -> list[str]:
+        """Run ids of ``federation`` with anything stored."""
+        folders = self.backend.list_folders(encode_name(federation, "federation"))
+        return sorted(n for n in map(decode_name, folders) if n is not None)
+
+    def list_rounds(self, federation: str, run: str) -> list[int]:
+        """Round numbers of ``run`` that have a commit marker (not yet verified), ascending."""
+        rounds = set()
+        for key in self.backend.list_keys(self._run_key(federation, run)):
+            folder, _, name = key.partition("/")
+            number = parse_round_folder(folder)
+            if name == COMMIT_FILE and number is not None:
+                rounds.add(number)
+        return sorted(rounds)
+
+    def load_initial_weights(self, source: str | os.PathLike) -> dict[str, np.ndarray]:
+        """An initial model: a safetensors file by path, ``file://`` or ``s3://`` URI.
+
+        An S3 source is read with this store's S3 client when it has one.
+        """
+        from .initial import load_initial_weights
+
+        client = self.backend.client if isinstance(self.backend, S3Backend) else None
+        return load_initial_weights(source, s3_client=client, tmp_dir=self.tmp_dir)
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _run_key(self, federation: str, run: str) -> str:
+        return f"{encode_name(federation, 'federation')}/{encode_name(run, 'run id')}"
+
+    def _round_key(self, federation: str, run: str, round_number: int) -> str:
+        return f"{self._run_key(federation, run)}/{round_folder(round_number)}"
+
+    def _final_marker(self, federation: str, run: str) -> dict | None:
+        key = f"{self._run_key(federation, run)}/{FINAL_FILE}"
+        raw = self.backend.get_bytes(key)
+        if raw is None:
+            return None
+        try:
+            marker = json.loads(raw)
+            round_folder(marker["round"])
+            return marker
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SnapshotCorrupted(f"{self.backend.uri(key)} is damaged: {exc}") from None
+
+    @contextmanager
+    def _staging(self) -> Iterator[Path]:
+        if self.tmp_dir is not None:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="flare-snapshot-", dir=self.tmp_dir))
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _model_file(self, weights_or_file, staging: Path) -> Path:
+        if isinstance(weights_or_file, Mapping):
+            return write_tensors(weights_or_file, staging / MODEL_FILE, "weights")
+        path = Path(weights_or_file)
+        load_tensors(path, str(path), header_only=True)
+        return path
+
+    @contextmanager
+    def _fetch(self, snapshot: Snapshot, name: str) -> Iterator[Path]:
+        """A local, verified copy of one of the snapshot's files (the file itself when local)."""
+        key = f"{self._round_key(snapshot.federation, snapshot.run, snapshot.round)}/{name}"
+        expected = snapshot.files[name]
+        local = self.backend.local_path(key)
+        if local is not None:
+            _check(snapshot.uri, name, expected, self.backend.digest(key))
+            yield local
+            return
+        with self._staging() as staging:
+            path = staging / name
+            if not self.backend.download(key, path):
+                raise SnapshotCorrupted(f"{snapshot.uri}: {name} is missing")
+            _check(snapshot.uri, name, expected, file_digest(path))
+            yield path
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _json_bytes(doc: Any) -> bytes:
+    return (json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def _state_json(state: Mapping[str, Any]) -> bytes:
+    if not isinstance(state, Mapping):
+        raise ValueError(f"a round's state must be a dict, got {type(state).__name__}")
+    try:
+        return _json_bytes(dict(state))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"a round's state must be plain JSON (tensors go in state_tensors): {exc}") from None
+
+
+def _bytes_digest(data: bytes) -> tuple[str, int]:
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def _parse_commit(raw: bytes, where: str) -> tuple[dict[str, dict], str]:
+    try:
+        commit = json.loads(raw)
+        files = commit["files"]
+        if commit.get("format") != FORMAT_VERSION:
+            raise ValueError(f"unknown format {commit.get('format')!r}")
+        for name in (MODEL_FILE, STATE_FILE):
+            if name not in files:
+                raise ValueError(f"{name} is not listed")
+        for name, entry in files.items():
+            if not (isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int)):
+                raise ValueError(f"entry {name!r} lacks sha256 or size")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SnapshotCorrupted(f"{where}: {COMMIT_FILE} is damaged: {exc}") from None
+    return files, str(commit.get("committed_at", ""))
+
+
+def _check(where: str, name: str, expected: Mapping[str, Any], actual: tuple[str, int] | None) -> None:
+    if actual is None:
+        raise SnapshotCorrupted(f"{where}: {name} is missing")
+    sha256, size = actual
+    if size != expected["size"]:
+        raise SnapshotCorrupted(f"{where}: {name} is {size} bytes, the commit says {expected['size']}")
+    if sha256 != expected["sha256"]:
+        raise SnapshotCorrupted(f"{where}: {name} does not match its SHA-256 in {COMMIT_FILE}")
