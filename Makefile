@@ -19,5 +19,8 @@ $(STAMP): pyproject.toml constraints/test.txt
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+proto: venv  # regenerate the gRPC code from flare_provider/wire/agent.proto
+	$(BIN)/python -m flare_provider.wire.codegen
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

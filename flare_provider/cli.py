@@ -3,6 +3,7 @@
     flare provision -p project.yml -w WORKSPACE [--add-site NAME] [--password [PW]]
     flare kit verify DIR [--root-fingerprint SHA256]
     flare kit unpack PACKAGE [-d DEST] [--password PW]
+    flare status --kit KIT [--timeout SECONDS]
 """
 
 from __future__ import annotations
@@ -76,6 +77,33 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     return cmd_verify(argparse.Namespace(dir=str(kit), root_fingerprint=args.root_fingerprint))
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Ask every site of a server or admin kit for its status, all at once; exit 1 if any is down."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # the table says why a site failed; no C-level log lines
+    from .client import AgentError, KitError, load_caller_kit  # needs grpc, which provisioning does not
+
+    try:
+        kit = load_caller_kit(args.kit)
+    except KitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Federation {kit.project!r}, asking as {kit.name!r} ({kit.kind})")
+    results = kit.site_statuses(timeout=args.timeout)
+    rows = []
+    for site, result in results.items():
+        address = kit.sites[site].address
+        if isinstance(result, AgentError):
+            rows.append([site, address, result.code.name.lower(), "", "", "", "", "", result.details])
+            continue
+        apps = ", ".join(f"{a.name}@{a.version[:12]}" for a in result.apps) or "-"
+        gpus = ",".join(map(str, result.gpus)) or "cpu"
+        counts = result.task_counts
+        rows.append([site, address, "up", result.version, gpus, apps, counts.get("running", 0), counts.get("queued", 0), ""])
+    headers = ["site", "address", "state", "version", "gpus", "apps", "running", "queued", "problem"]
+    print(_table(rows, headers))
+    return 0 if all(not isinstance(r, AgentError) for r in results.values()) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flare", description="Federated learning on Apache Airflow")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--password", help=f"password of a protected package (or set {PASSWORD_ENV}; asked for on a terminal)")
     u.add_argument("--root-fingerprint", help="expected SHA-256 fingerprint of the project's root CA")
     u.set_defaults(func=cmd_unpack)
+
+    st = sub.add_parser("status", help="show every site's agent: reachable or not, version, GPUs, apps, tasks")
+    st.add_argument("--kit", required=True, help="a server or admin kit folder")
+    st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each site (default 5)")
+    st.set_defaults(func=cmd_status)
     return parser
 
 

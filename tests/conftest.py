@@ -35,7 +35,7 @@ def airflow_db() -> Path:
     return _AIRFLOW_HOME
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_dag(airflow_db):
     """Write a DAG file into the dags folder (a real bundle) and run it with ``dag.test()``.
 
@@ -69,7 +69,7 @@ def xcom_value(dag_run, task_id: str):
         return None if row is None else XComModel.deserialize_value(row)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def xcom():
     """``xcom(dag_run, task_id)``: the value the task returned (conftest modules cannot be imported by name)."""
     return xcom_value

@@ -173,7 +173,9 @@ class ScatterGatherOperator(BaseOperator):
         uri = self.snapshot_uri or default_snapshot_uri()
         settings = None
         if uri.startswith("s3://") and self.aws_conn_id:
-            settings = s3_settings_from_connection(self.get_connection(self.aws_conn_id))
+            from airflow.sdk import BaseHook
+
+            settings = s3_settings_from_connection(BaseHook.get_connection(self.aws_conn_id))
         return SnapshotStore(uri, s3_settings=settings)
 
     def _build_run(self, context: Any) -> "FederatedRun":
@@ -246,13 +248,13 @@ class ScatterGatherOperator(BaseOperator):
                 wait_time_after_min_received=run.spec.wait_time_after_min_received,
                 deadline=flight.deadline,
                 poll_interval=self.poll_interval,
+                round_info={"round": flight.round, "task_ids": flight.task_ids, "dropped": flight.dropped,
+                            "started_at": flight.started_at, "deadline": flight.deadline},
             ),
             method_name="execute_complete",
-            kwargs={"round": flight.round, "task_ids": flight.task_ids, "dropped": flight.dropped,
-                    "started_at": flight.started_at, "deadline": flight.deadline},
         )
 
-    def execute_complete(self, context: Any, event: dict[str, Any], **flight_kwargs: Any) -> dict[str, Any]:
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         """Back from the trigger: aggregate the round, then defer for the next one or finish."""
         from flare_provider.client import TaskInfo
         from flare_provider.federation.engine import InFlight, RoundFailed
@@ -260,10 +262,8 @@ class ScatterGatherOperator(BaseOperator):
         run = self._build_run(context)
         try:
             progress = run.restore()
-            flight = InFlight(
-                flight_kwargs["round"], dict(flight_kwargs["task_ids"]), flight_kwargs["started_at"],
-                flight_kwargs["deadline"], dict(flight_kwargs["dropped"]),
-            )
+            info = event["round"]
+            flight = InFlight(info["round"], dict(info["task_ids"]), info["started_at"], info["deadline"], dict(info["dropped"]))
             if progress.round >= flight.round:  # committed already by an earlier try
                 self.log.info("Round %d is committed already", flight.round)
             else:

@@ -21,6 +21,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from ..safezip import ZipMember, extract_members, safe_members
+
 MAGIC = b"FLAREKIT"
 _VERSION = 1
 _HEADER = struct.Struct(">8sBBBB16s12s")  # magic, version, log2(n), r, p, salt, nonce
@@ -82,23 +84,9 @@ def decrypt(blob: bytes, password: str, source: str = "package") -> bytes:
         raise PackageError(f"{source}: wrong password, or the package is damaged") from None
 
 
-def _safe_members(zf: zipfile.ZipFile, source: str) -> list[tuple[zipfile.ZipInfo, PurePosixPath, int]]:
-    members = []
-    total = 0
-    for info in zf.infolist():
-        name = PurePosixPath(info.filename)
-        mode = info.external_attr >> 16
-        if info.is_dir():
-            continue
-        if name.is_absolute() or ".." in name.parts or "\\" in info.filename or not name.parts:
-            raise PackageError(f"{source}: entry {info.filename!r} would be written outside the target folder")
-        if stat.S_IFMT(mode) not in (0, stat.S_IFREG):  # zips written without a type carry 0
-            raise PackageError(f"{source}: entry {info.filename!r} is a link or special file")
-        total += info.file_size
-        if total > MAX_UNPACKED_BYTES:
-            raise PackageError(f"{source}: unpacks to more than {MAX_UNPACKED_BYTES} bytes")
-        members.append((info, name, stat.S_IMODE(mode) or 0o644))
-    tops = {name.parts[0] for _, name, _ in members}
+def _kit_members(zf: zipfile.ZipFile, source: str) -> list[ZipMember]:
+    members = safe_members(zf, source, MAX_UNPACKED_BYTES, PackageError)
+    tops = {m.path.parts[0] for m in members}
     if len(tops) != 1:
         raise PackageError(f"{source}: a kit package holds exactly one participant folder, found {sorted(tops)}")
     return members
@@ -124,23 +112,15 @@ def unpack(package: str | Path, dest: str | Path, password: str | None = None) -
     except zipfile.BadZipFile:
         raise PackageError(f"{package}: not a zip file or a protected kit package") from None
     with zf:
-        members = _safe_members(zf, str(package))
-        top = members[0][1].parts[0]
+        members = _kit_members(zf, str(package))
+        top = members[0].path.parts[0]
         target = dest / top
         if target.exists():
             raise PackageError(f"{target} already exists; remove it or unpack elsewhere")
         dest.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{top}.", dir=dest))
         try:
-            for info, name, mode in members:
-                out = staging.joinpath(*name.parts)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    data = zf.read(info)
-                except (zipfile.BadZipFile, OSError) as exc:
-                    raise PackageError(f"{package}: entry {info.filename!r} is damaged: {exc}") from None
-                out.write_bytes(data)
-                os.chmod(out, mode)
+            extract_members(zf, members, staging, str(package), PackageError)
             (staging / top).rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

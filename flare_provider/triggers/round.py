@@ -17,7 +17,8 @@ class RoundTrigger(BaseTrigger):
 
     Only ids and numbers are serialized; the server identity is read from the
     connection in the triggerer, so no key material lands in the metadata database.
-    The event carries each site's last task state (``TaskInfo.to_dict()``).
+    The event carries each site's last task state (``TaskInfo.to_dict()``) and
+    ``round_info`` as given (what the operator needs to take the round up again).
     """
 
     def __init__(
@@ -28,6 +29,7 @@ class RoundTrigger(BaseTrigger):
         wait_time_after_min_received: float,
         deadline: float,
         poll_interval: float = 2.0,
+        round_info: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.flare_conn_id = flare_conn_id
@@ -36,6 +38,7 @@ class RoundTrigger(BaseTrigger):
         self.wait_time_after_min_received = wait_time_after_min_received
         self.deadline = deadline
         self.poll_interval = poll_interval
+        self.round_info = dict(round_info or {})
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -47,6 +50,7 @@ class RoundTrigger(BaseTrigger):
                 "wait_time_after_min_received": self.wait_time_after_min_received,
                 "deadline": self.deadline,
                 "poll_interval": self.poll_interval,
+                "round_info": self.round_info,
             },
         )
 
@@ -82,7 +86,7 @@ class RoundTrigger(BaseTrigger):
                 reason = policy.done(statuses, succeeded_since, time.time())
                 if reason:
                     self.log.info("Round tasks: %s (%s)", reason, statuses)
-                    yield TriggerEvent({"reason": reason, "tasks": last, "errors": errors})
+                    yield TriggerEvent({"reason": reason, "tasks": last, "errors": errors, "round": self.round_info})
                     return
                 await asyncio.sleep(self.poll_interval)
         finally:

@@ -1,0 +1,190 @@
+"""A local proof-of-concept federation: every participant on this machine, agents on loopback.
+
+What ``nvflare poc`` is to NVIDIA FLARE: provision a project whose sites listen on
+127.0.0.1, optionally give each site a non-IID share of the example digits data, and run
+the agents as child processes (still mutual TLS, still signed kits). The demo, the tests
+and the benchmarks use it; nothing here is needed for a real deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .client import AgentClient, AgentError, load_caller_kit
+from .provisioning import load_project, provision
+from .provisioning.kits import CONNECTIONS_FILE, STARTUP, connection_id
+
+SERVER = "airflow-server"
+ADMIN = "admin@poc.local"
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalFederation:
+    """A provisioned local project: kits, ports and where the data went."""
+
+    name: str
+    root: Path
+    kits: dict[str, Path]
+    ports: dict[str, int]
+    sites: tuple[str, ...]
+    root_fingerprint: str
+    server: str = SERVER
+    admin: str = ADMIN
+    agents: dict[str, "AgentProcess"] = field(default_factory=dict, repr=False)
+
+    @property
+    def server_kit(self) -> Path:
+        return self.kits[self.server]
+
+    @property
+    def admin_kit(self) -> Path:
+        return self.kits[self.admin]
+
+    @property
+    def connections_file(self) -> Path:
+        return self.server_kit / STARTUP / CONNECTIONS_FILE
+
+    @property
+    def conn_id(self) -> str:
+        return connection_id(self.name)
+
+    def data_dir(self, site: str) -> Path:
+        return self.kits[site] / "data"
+
+    def connection_json(self) -> str:
+        """The server identity as Airflow's JSON connection format (``AIRFLOW_CONN_<ID>``)."""
+        (fields,) = json.loads(self.connections_file.read_text()).values()
+        return json.dumps({**fields, "extra": json.loads(fields["extra"])})
+
+    def client(self, site: str, **kwargs) -> AgentClient:
+        """A client of ``site`` with the server identity."""
+        return load_caller_kit(self.server_kit).client(site, **kwargs)
+
+    def agent(self, site: str) -> "AgentProcess":
+        if site not in self.agents:
+            self.agents[site] = AgentProcess(self.kits[site], site, self.ports[site], self.server_kit)
+        return self.agents[site]
+
+    def start_agents(self, sites: list[str] | None = None) -> None:
+        for site in sites or self.sites:
+            self.agent(site).start(wait=False)
+        for site in sites or self.sites:
+            self.agent(site).wait_ready()
+
+    def stop_agents(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+
+
+def prepare(
+    root: str | Path,
+    name: str = "poc",
+    num_sites: int = 3,
+    *,
+    digits_data: bool = True,
+    non_iid: bool = True,
+    seed: int = 0,
+) -> LocalFederation:
+    """Provision ``name`` with ``num_sites`` loopback sites under ``root``; with
+    ``digits_data``, write each site's share of the digits data to its kit's ``data/``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    sites = tuple(f"site-{i}" for i in range(1, num_sites + 1))
+    ports = {site: free_port() for site in sites}
+    lines = ["api_version: 3", f"name: {name}", "description: local proof-of-concept federation", "participants:",
+             f"  - {{name: {SERVER}, type: server, org: lead}}"]
+    lines += [f"  - {{name: {s}, type: client, org: org-{s}, agent_host: 127.0.0.1, agent_port: {ports[s]}}}" for s in sites]
+    lines.append(f"  - {{name: '{ADMIN}', type: admin, org: lead, role: project_admin}}")
+    project_file = root / "project.yml"
+    project_file.write_text("\n".join(lines) + "\n")
+    result = provision(load_project(project_file), root / "workspace")
+    federation = LocalFederation(name, root, dict(result.kits), ports, sites, result.root_fingerprint)
+    if digits_data:
+        from site_agent.datasets.digits import write_site_partitions
+
+        write_site_partitions([federation.data_dir(s) for s in sites], non_iid=non_iid, seed=seed)
+    return federation
+
+
+class AgentProcess:
+    """A ``flare-agent start`` child process serving one site's kit on loopback."""
+
+    def __init__(self, kit: Path, site: str, port: int, caller_kit: Path, extra_args: tuple[str, ...] = ()):
+        self.kit = Path(kit)
+        self.site = site
+        self.port = port
+        self.caller_kit = caller_kit
+        self.extra_args = extra_args
+        self.log_path = self.kit / "agent.log"
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "site_agent.cli", "start", "--kit", str(self.kit),
+                "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, wait: bool = True) -> "AgentProcess":
+        env = {**os.environ, "GRPC_VERBOSITY": os.environ.get("GRPC_VERBOSITY", "ERROR")}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        with load_caller_kit(self.caller_kit).client(self.site, timeout=2.0) as client:
+            while True:
+                if self.proc is None or self.proc.poll() is not None:
+                    raise RuntimeError(f"agent of {self.site} exited with {self.proc and self.proc.returncode}:\n{self.log_tail()}")
+                try:
+                    client.status()
+                    return
+                except AgentError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"agent of {self.site} did not answer in {timeout} s:\n{self.log_tail()}") from None
+                    time.sleep(0.2)
+
+    def stop(self) -> int:
+        """SIGTERM, then wait for the clean shutdown."""
+        if not self.alive:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(STOP_TIMEOUT)
+
+    def kill(self) -> None:
+        """SIGKILL: the agent dies without any clean-up."""
+        if self.alive:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(STOP_TIMEOUT)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"

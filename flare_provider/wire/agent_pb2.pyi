@@ -1,0 +1,235 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DataChunk(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PayloadEnd(_message.Message):
+    __slots__ = ("size", "sha256")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    sha256: str
+    def __init__(self, size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class AppInfo(_message.Message):
+    __slots__ = ("name", "version", "has_custom_code", "deployed_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    HAS_CUSTOM_CODE_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    has_custom_code: bool
+    deployed_at: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., has_custom_code: _Optional[bool] = ..., deployed_at: _Optional[float] = ...) -> None: ...
+
+class DeployAppHeader(_message.Message):
+    __slots__ = ("payload_size",)
+    PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    payload_size: int
+    def __init__(self, payload_size: _Optional[int] = ...) -> None: ...
+
+class DeployAppRequest(_message.Message):
+    __slots__ = ("header", "chunk", "end")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    header: DeployAppHeader
+    chunk: DataChunk
+    end: PayloadEnd
+    def __init__(self, header: _Optional[_Union[DeployAppHeader, _Mapping]] = ..., chunk: _Optional[_Union[DataChunk, _Mapping]] = ..., end: _Optional[_Union[PayloadEnd, _Mapping]] = ...) -> None: ...
+
+class DeployAppReply(_message.Message):
+    __slots__ = ("app", "newly_deployed")
+    APP_FIELD_NUMBER: _ClassVar[int]
+    NEWLY_DEPLOYED_FIELD_NUMBER: _ClassVar[int]
+    app: AppInfo
+    newly_deployed: bool
+    def __init__(self, app: _Optional[_Union[AppInfo, _Mapping]] = ..., newly_deployed: _Optional[bool] = ...) -> None: ...
+
+class SubmitTaskHeader(_message.Message):
+    __slots__ = ("task_id", "app_name", "app_version", "round", "kind", "config_json", "num_gpus", "payload_size")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    APP_NAME_FIELD_NUMBER: _ClassVar[int]
+    APP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    NUM_GPUS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    app_name: str
+    app_version: str
+    round: int
+    kind: str
+    config_json: str
+    num_gpus: int
+    payload_size: int
+    def __init__(self, task_id: _Optional[str] = ..., app_name: _Optional[str] = ..., app_version: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., config_json: _Optional[str] = ..., num_gpus: _Optional[int] = ..., payload_size: _Optional[int] = ...) -> None: ...
+
+class SubmitTaskRequest(_message.Message):
+    __slots__ = ("header", "chunk", "end")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    header: SubmitTaskHeader
+    chunk: DataChunk
+    end: PayloadEnd
+    def __init__(self, header: _Optional[_Union[SubmitTaskHeader, _Mapping]] = ..., chunk: _Optional[_Union[DataChunk, _Mapping]] = ..., end: _Optional[_Union[PayloadEnd, _Mapping]] = ...) -> None: ...
+
+class SubmitTaskReply(_message.Message):
+    __slots__ = ("state", "created")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    state: TaskState
+    created: bool
+    def __init__(self, state: _Optional[_Union[TaskState, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class TaskRef(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class WatchTaskRequest(_message.Message):
+    __slots__ = ("task_id", "after_seq")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    after_seq: int
+    def __init__(self, task_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
+
+class TaskState(_message.Message):
+    __slots__ = ("task_id", "app_name", "app_version", "round", "kind", "status", "progress", "metrics", "error", "gpus", "num_samples", "result_available", "seq", "created_at", "started_at", "finished_at")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    APP_NAME_FIELD_NUMBER: _ClassVar[int]
+    APP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    RESULT_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    app_name: str
+    app_version: str
+    round: int
+    kind: str
+    status: str
+    progress: float
+    metrics: _containers.ScalarMap[str, float]
+    error: str
+    gpus: _containers.RepeatedScalarFieldContainer[int]
+    num_samples: int
+    result_available: bool
+    seq: int
+    created_at: float
+    started_at: float
+    finished_at: float
+    def __init__(self, task_id: _Optional[str] = ..., app_name: _Optional[str] = ..., app_version: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., status: _Optional[str] = ..., progress: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., num_samples: _Optional[int] = ..., result_available: _Optional[bool] = ..., seq: _Optional[int] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
+
+class FetchResultHeader(_message.Message):
+    __slots__ = ("state", "payload_size")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    state: TaskState
+    payload_size: int
+    def __init__(self, state: _Optional[_Union[TaskState, _Mapping]] = ..., payload_size: _Optional[int] = ...) -> None: ...
+
+class FetchResultReply(_message.Message):
+    __slots__ = ("header", "chunk", "end")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    header: FetchResultHeader
+    chunk: DataChunk
+    end: PayloadEnd
+    def __init__(self, header: _Optional[_Union[FetchResultHeader, _Mapping]] = ..., chunk: _Optional[_Union[DataChunk, _Mapping]] = ..., end: _Optional[_Union[PayloadEnd, _Mapping]] = ...) -> None: ...
+
+class AcknowledgeResultReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Identity(_message.Message):
+    __slots__ = ("name", "org", "kind", "role")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ORG_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    org: str
+    kind: str
+    role: str
+    def __init__(self, name: _Optional[str] = ..., org: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+
+class AgentStatus(_message.Message):
+    __slots__ = ("project", "site", "org", "version", "gpus", "allow_custom_code", "apps", "active_tasks", "task_counts", "started_at", "caller")
+    class TaskCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    ORG_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_CUSTOM_CODE_FIELD_NUMBER: _ClassVar[int]
+    APPS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_TASKS_FIELD_NUMBER: _ClassVar[int]
+    TASK_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    site: str
+    org: str
+    version: str
+    gpus: _containers.RepeatedScalarFieldContainer[int]
+    allow_custom_code: bool
+    apps: _containers.RepeatedCompositeFieldContainer[AppInfo]
+    active_tasks: _containers.RepeatedCompositeFieldContainer[TaskState]
+    task_counts: _containers.ScalarMap[str, int]
+    started_at: float
+    caller: Identity
+    def __init__(self, project: _Optional[str] = ..., site: _Optional[str] = ..., org: _Optional[str] = ..., version: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., allow_custom_code: _Optional[bool] = ..., apps: _Optional[_Iterable[_Union[AppInfo, _Mapping]]] = ..., active_tasks: _Optional[_Iterable[_Union[TaskState, _Mapping]]] = ..., task_counts: _Optional[_Mapping[str, int]] = ..., started_at: _Optional[float] = ..., caller: _Optional[_Union[Identity, _Mapping]] = ...) -> None: ...
+
+class ShutdownRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class ShutdownReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -1,0 +1,365 @@
+"""App bundles: an app folder as one zip, signed by the federation's server identity.
+
+An app is a folder with ``app.yaml`` (its name and trainer) and, optionally, Python
+code under ``custom/``. The Airflow side builds a bundle; each agent verifies it
+before anything is unpacked. Inside the zip::
+
+    MANIFEST.json    {"format", "name", "version", "files": {path: sha256}}
+    SIGNATURE.json   {"format", "signature": ECDSA-SHA256 over MANIFEST.json, "signer_cert": PEM}
+    app/<path>       the app's files
+
+The version is a hash of the file list and contents only, so building the same
+folder twice gives the same version (the signature differs: ECDSA is randomized).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import io
+import json
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ..provisioning.certs import Identity, describe_certificate
+from ..safezip import ZipMember, safe_members
+
+MANIFEST_FILE = "MANIFEST.json"
+SIGNATURE_FILE = "SIGNATURE.json"
+APP_PREFIX = "app"
+APP_CONFIG = "app.yaml"
+CUSTOM_DIR = "custom"
+BUILTIN_TRAINERS = "site_agent.trainers."
+DEFAULT_MAX_BUNDLE_BYTES = 256 << 20
+
+_MANIFEST_FORMAT = "flare-app-bundle/1"
+_SIGNATURE_FORMAT = "flare-app-signature/1"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_VERSION_RE = re.compile(r"^[0-9a-f]{64}$")
+_DOTTED_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same folder zips to the same entries
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be built or must not be deployed; nothing was written."""
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """An app's ``app.yaml``: which trainer runs and with what arguments."""
+
+    name: str
+    trainer_path: str  # "module.Class": a built-in trainer or one under custom/
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """What a bundle holds: app name, version (content hash) and each file's SHA-256."""
+
+    name: str
+    version: str
+    files: dict[str, str]
+
+    @property
+    def has_custom_code(self) -> bool:
+        """Anything under ``custom/`` counts: that folder goes onto the worker's import path."""
+        return any(PurePosixPath(rel).parts[0] == CUSTOM_DIR for rel in self.files)
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle whose signature, signer and file hashes all checked out."""
+
+    manifest: BundleManifest
+    config: AppConfig
+    members: list[ZipMember]  # the app's files, entries under app/
+    signer: str
+
+
+# ---- app.yaml --------------------------------------------------------------------
+
+
+def parse_app_config(text: str, source: str = APP_CONFIG) -> AppConfig:
+    """Validate ``app.yaml`` text; raises :class:`BundleError` naming the field."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise BundleError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BundleError(f"{source}: expected a mapping with 'name' and 'trainer'")
+    name = doc.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise BundleError(f"{source}: 'name' must be 1-64 letters, digits, '.', '_' or '-', found {name!r}")
+    trainer = doc.get("trainer")
+    if not isinstance(trainer, dict):
+        raise BundleError(f"{source}: 'trainer' must be a mapping with 'path' (module.Class) and optional 'args'")
+    path = trainer.get("path")
+    if not isinstance(path, str) or not _DOTTED_RE.match(path):
+        raise BundleError(f"{source}: 'trainer.path' must be a dotted name such as module.Class, found {path!r}")
+    args = trainer.get("args") or {}
+    if not isinstance(args, dict):
+        raise BundleError(f"{source}: 'trainer.args' must be a mapping of keyword arguments")
+    description = doc.get("description") or ""
+    if not isinstance(description, str):
+        raise BundleError(f"{source}: 'description' must be text")
+    return AppConfig(name=name, trainer_path=path, trainer_args=args, description=description)
+
+
+def load_app_config(app_dir: Path) -> AppConfig:
+    path = Path(app_dir) / APP_CONFIG
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: cannot read the app's config: {exc}") from None
+    return parse_app_config(text, str(path))
+
+
+def custom_modules(files: dict[str, str] | list[str]) -> set[str]:
+    """Top-level module names that an app's ``custom/`` folder provides."""
+    names = set()
+    for rel in files:
+        parts = PurePosixPath(rel).parts
+        if len(parts) >= 2 and parts[0] == CUSTOM_DIR:
+            top = parts[1]
+            if len(parts) > 2 or top.endswith(".py"):
+                names.add(top.removesuffix(".py"))
+    return names
+
+
+def trainer_is_custom(config: AppConfig, files: dict[str, str] | list[str]) -> bool:
+    """Whether the trainer comes from the app's custom code; raises if it comes from nowhere allowed."""
+    if config.trainer_path.split(".", 1)[0] in custom_modules(files):
+        return True
+    if config.trainer_path.startswith(BUILTIN_TRAINERS):
+        return False
+    raise BundleError(
+        f"trainer {config.trainer_path!r} is neither a built-in trainer ({BUILTIN_TRAINERS}*) "
+        f"nor a module in the app's {CUSTOM_DIR}/ folder"
+    )
+
+
+# ---- building --------------------------------------------------------------------
+
+
+def content_hash(files: dict[str, str]) -> str:
+    """The app version: SHA-256 over the sorted (path, file hash) list."""
+    return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+
+
+def _app_files(app_dir: Path) -> dict[str, Path]:
+    """The files a bundle carries: everything but caches and hidden files; links refused."""
+    found = {}
+    for path in sorted(app_dir.rglob("*")):
+        rel = path.relative_to(app_dir)
+        if any(part.startswith(".") or part == "__pycache__" for part in rel.parts) or path.suffix == ".pyc":
+            continue
+        if path.is_symlink():
+            raise BundleError(f"{path}: links cannot go into an app bundle; copy the file instead")
+        if path.is_file():
+            found[rel.as_posix()] = path
+    return found
+
+
+def build_bundle(app_dir: Path, signer_cert_pem: bytes, signer_key_pem: bytes) -> bytes:
+    """Zip ``app_dir`` with a manifest signed by the given identity (the federation's server).
+
+    Raises :class:`BundleError` when the folder is not an app or the key does not
+    match the certificate. The key is used for signing only and appears nowhere.
+    """
+    app_dir = Path(app_dir)
+    if not app_dir.is_dir():
+        raise BundleError(f"{app_dir}: not an app folder")
+    config = load_app_config(app_dir)
+    try:
+        signer = Identity.from_pem(signer_cert_pem, signer_key_pem)
+    except (ValueError, TypeError) as exc:
+        raise BundleError(f"cannot sign the bundle: unusable signer certificate or key ({exc})") from None
+    paths = _app_files(app_dir)
+    contents = {rel: path.read_bytes() for rel, path in paths.items()}
+    files = {rel: hashlib.sha256(data).hexdigest() for rel, data in contents.items()}
+    trainer_is_custom(config, files)  # refuse a bundle no agent could run
+    manifest = {"format": _MANIFEST_FORMAT, "name": config.name, "version": content_hash(files), "files": files}
+    manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    signature = signer.key.sign(manifest_bytes, ec.ECDSA(hashes.SHA256()))
+    signature_doc = {
+        "format": _SIGNATURE_FORMAT,
+        "signature": base64.b64encode(signature).decode(),
+        "signer_cert": signer.cert_pem.decode(),
+    }
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        _add(zf, MANIFEST_FILE, manifest_bytes)
+        _add(zf, SIGNATURE_FILE, json.dumps(signature_doc, indent=2, sort_keys=True).encode())
+        for rel, data in contents.items():
+            _add(zf, f"{APP_PREFIX}/{rel}", data)
+    return buf.getvalue()
+
+
+def _add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
+    info = zipfile.ZipInfo(name, _ZIP_EPOCH)
+    info.external_attr = 0o100644 << 16  # a regular file, rw-r--r--
+    info.compress_type = zipfile.ZIP_DEFLATED
+    zf.writestr(info, data)
+
+
+# ---- reading and verifying -------------------------------------------------------
+
+
+def _parse_manifest(data: bytes, source: str) -> BundleManifest:
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("format") != _MANIFEST_FORMAT:
+            raise ValueError("unknown format")
+        name, version, files = doc["name"], doc["version"], doc["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{source}: {MANIFEST_FILE} is malformed ({exc})") from None
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise BundleError(f"{source}: {MANIFEST_FILE} has an invalid app name {name!r}")
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and _VERSION_RE.match(v) for k, v in files.items()
+    ):
+        raise BundleError(f"{source}: {MANIFEST_FILE} has a malformed file list")
+    if not isinstance(version, str) or version != content_hash(files):
+        raise BundleError(f"{source}: {MANIFEST_FILE} version does not match its file list")
+    return BundleManifest(name=name, version=version, files=dict(files))
+
+
+def _open_zip(data: bytes | Path, source: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BundleError(f"{source}: not an app bundle (not a readable zip: {exc})") from None
+
+
+def _read_entry(zf: zipfile.ZipFile, name: str, source: str, limit: int = 16 << 20) -> bytes:
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        what = "unsigned" if name == SIGNATURE_FILE else "not an app bundle"
+        raise BundleError(f"{source}: {what}: {name} is missing") from None
+    if info.file_size > limit:
+        raise BundleError(f"{source}: {name} is implausibly large")
+    try:
+        return zf.read(info)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise BundleError(f"{source}: {name} is damaged: {exc}") from None
+
+
+def read_bundle_manifest(bundle: bytes) -> BundleManifest:
+    """The manifest of a bundle (name, version, files), without checking its signature."""
+    with _open_zip(bundle, "bundle") as zf:
+        return _parse_manifest(_read_entry(zf, MANIFEST_FILE, "bundle"), "bundle")
+
+
+def _check_signer(signer_pem: str, root_ca_pem: bytes, server_name: str, source: str) -> x509.Certificate:
+    """The signer's certificate, if the project's root CA issued it to the server identity."""
+    try:
+        cert = x509.load_pem_x509_certificate(signer_pem.encode())
+    except (ValueError, AttributeError) as exc:
+        raise BundleError(f"{source}: the signer certificate cannot be read ({exc})") from None
+    root = x509.load_pem_x509_certificate(root_ca_pem)
+    try:
+        if cert.issuer != root.subject:
+            raise ValueError("issuer differs")
+        cert.verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature):
+        raise BundleError(f"{source}: signed by a certificate that this project's root CA did not issue") from None
+    now = dt.datetime.now(dt.timezone.utc)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise BundleError(f"{source}: the signer certificate is not valid now (expired or not yet valid)")
+    peer = describe_certificate(cert)
+    if peer.kind != "server" or peer.name != server_name:
+        raise BundleError(
+            f"{source}: signed by {peer.name!r} ({peer.kind or 'unknown kind'}), "
+            f"not by the federation's server identity {server_name!r}"
+        )
+    return cert
+
+
+def _sha256(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> str:
+    h = hashlib.sha256()
+    try:
+        with zf.open(info) as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise BundleError(f"{source}: entry {info.filename!r} is damaged: {exc}") from None
+    return h.hexdigest()
+
+
+def verify_bundle(
+    zf: zipfile.ZipFile,
+    root_ca_pem: bytes,
+    server_name: str,
+    source: str = "bundle",
+    max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+) -> VerifiedBundle:
+    """Check everything about an open bundle before any of it is unpacked.
+
+    The signer certificate must be issued by ``root_ca_pem`` to the server identity
+    ``server_name`` and its signature over the manifest must hold; every entry must be
+    safe to unpack (see :mod:`flare_provider.safezip`), listed in the manifest, with
+    the listed hash; ``app.yaml`` must name the same app and a trainer an agent can run.
+    """
+    manifest_bytes = _read_entry(zf, MANIFEST_FILE, source)
+    try:
+        sig_doc = json.loads(_read_entry(zf, SIGNATURE_FILE, source))
+        if sig_doc.get("format") != _SIGNATURE_FORMAT:
+            raise ValueError("unknown format")
+        signature = base64.b64decode(sig_doc["signature"], validate=True)
+        signer_pem = sig_doc["signer_cert"]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BundleError(f"{source}: {SIGNATURE_FILE} is malformed ({exc})") from None
+    cert = _check_signer(signer_pem, root_ca_pem, server_name, source)
+    try:
+        public_key = cert.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise InvalidSignature
+        public_key.verify(signature, manifest_bytes, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise BundleError(f"{source}: the signature does not match the manifest (altered after signing)") from None
+    manifest = _parse_manifest(manifest_bytes, source)
+
+    members = [
+        m for m in safe_members(zf, source, max_bytes, BundleError) if str(m.path) not in (MANIFEST_FILE, SIGNATURE_FILE)
+    ]
+    present: dict[str, ZipMember] = {}
+    for member in members:
+        parts = member.path.parts
+        if parts[0] != APP_PREFIX or len(parts) < 2:
+            raise BundleError(f"{source}: unexpected entry {member.info.filename!r} outside {APP_PREFIX}/")
+        present[PurePosixPath(*parts[1:]).as_posix()] = member
+    missing = sorted(set(manifest.files) - set(present))
+    added = sorted(set(present) - set(manifest.files))
+    if missing or added:
+        raise BundleError(f"{source}: files differ from the signed manifest (missing {missing}, not listed {added})")
+    for rel, member in present.items():
+        if _sha256(zf, member.info, source) != manifest.files[rel]:
+            raise BundleError(f"{source}: file {rel!r} was changed after signing (hash mismatch)")
+    if APP_CONFIG not in present:
+        raise BundleError(f"{source}: the app has no {APP_CONFIG}")
+    config = parse_app_config(zf.read(present[APP_CONFIG].info).decode("utf-8", "replace"), f"{source}: {APP_CONFIG}")
+    if config.name != manifest.name:
+        raise BundleError(f"{source}: {APP_CONFIG} names app {config.name!r} but the manifest says {manifest.name!r}")
+    try:
+        trainer_is_custom(config, manifest.files)
+    except BundleError as exc:
+        raise BundleError(f"{source}: {exc}") from None
+    return VerifiedBundle(manifest=manifest, config=config, members=members, signer=describe_certificate(cert).name)
+
+
+def open_bundle(path: Path, source: str | None = None) -> zipfile.ZipFile:
+    """Open a bundle file for :func:`verify_bundle`; a clear error if it is not a zip."""
+    return _open_zip(Path(path), source or str(path))

@@ -1,0 +1,1 @@
+"""Sample data for the example apps (data preparation only; agents never import this)."""

@@ -1,0 +1,104 @@
+"""The site's own settings: ``<kit>/local/site.yaml``, which the site's IT may edit.
+
+They are outside the signed ``startup/`` folder on purpose: where the data lives,
+which GPUs the agent may use and whether apps may bring their own code are the
+site's decisions, not the federation's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flare_provider.provisioning.kits import LOCAL, SITE_SETTINGS
+
+from .errors import SettingsError
+
+_REQUIRED = ("data_dir", "work_dir")
+_KNOWN = {"data_dir", "work_dir", "gpus", "allow_custom_code", "max_concurrent_cpu_tasks"}
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """What the agent needs from ``site.yaml``; paths are absolute."""
+
+    data_dir: Path
+    work_dir: Path
+    gpus: tuple[int, ...]  # GPU ids this agent may use; () = CPU only
+    allow_custom_code: bool  # BYOC opt-in, off by default
+    max_concurrent_cpu_tasks: int = 2
+
+
+def site_settings_path(kit_dir: Path) -> Path:
+    return Path(kit_dir) / LOCAL / SITE_SETTINGS
+
+
+def load_site_settings(kit_dir: Path) -> SiteSettings:
+    """Read ``<kit_dir>/local/site.yaml``; relative paths are taken from ``kit_dir``.
+
+    Raises :class:`SettingsError` naming the file and the field at fault.
+    """
+    kit_dir = Path(kit_dir).resolve()
+    path = site_settings_path(kit_dir)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: site settings file is missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{path}: cannot read site settings: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path}: not valid YAML: {exc}") from None
+    return parse_site_settings(doc, kit_dir, source=str(path))
+
+
+def parse_site_settings(doc: Any, base_dir: Path, source: str = "site.yaml") -> SiteSettings:
+    """Validate a parsed ``site.yaml`` document; see :func:`load_site_settings`."""
+    if not isinstance(doc, dict):
+        raise SettingsError(f"{source}: expected a mapping of settings, found {type(doc).__name__}")
+    unknown = sorted(set(doc) - _KNOWN)
+    if unknown:
+        raise SettingsError(f"{source}: unknown setting(s) {unknown}; known settings are {sorted(_KNOWN)}")
+    for name in _REQUIRED:
+        if doc.get(name) in (None, ""):
+            raise SettingsError(f"{source}: '{name}' is required (a folder path)")
+    return SiteSettings(
+        data_dir=_path(doc["data_dir"], base_dir, "data_dir", source),
+        work_dir=_path(doc["work_dir"], base_dir, "work_dir", source),
+        gpus=_gpus(doc.get("gpus"), source),
+        allow_custom_code=_bool(doc.get("allow_custom_code", False), "allow_custom_code", source),
+        max_concurrent_cpu_tasks=_positive_int(doc.get("max_concurrent_cpu_tasks", 2), "max_concurrent_cpu_tasks", source),
+    )
+
+
+def _path(value: Any, base_dir: Path, field: str, source: str) -> Path:
+    if not isinstance(value, str):
+        raise SettingsError(f"{source}: '{field}' must be a folder path, found {value!r}")
+    path = Path(value).expanduser()
+    return (path if path.is_absolute() else Path(base_dir) / path).resolve()
+
+
+def _gpus(value: Any, source: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise SettingsError(f"{source}: 'gpus' must be a list of GPU ids such as [0, 1] (or [] for CPU only), found {value!r}")
+    if any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in value):
+        raise SettingsError(f"{source}: 'gpus' must hold non-negative integer GPU ids, found {value!r}")
+    if len(set(value)) != len(value):
+        raise SettingsError(f"{source}: 'gpus' lists a GPU more than once: {value!r}")
+    return tuple(value)
+
+
+def _bool(value: Any, field: str, source: str) -> bool:
+    if not isinstance(value, bool):
+        raise SettingsError(f"{source}: '{field}' must be true or false, found {value!r}")
+    return value
+
+
+def _positive_int(value: Any, field: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SettingsError(f"{source}: '{field}' must be a whole number of at least 1, found {value!r}")
+    return value

@@ -1,0 +1,103 @@
+"""The trainer API: what an app's trainer implements, and what it is given.
+
+A trainer is a class named in the app's ``app.yaml`` (``trainer.path``), built with the
+``trainer.args`` found there. For each task the agent starts a fresh process, builds the
+trainer and calls one method:
+
+``train(weights, ctx) -> TrainResult``
+    ``weights`` are the global model (name -> numpy array, or torch tensor when the
+    class sets ``tensor_format = "torch"``). Return new weights (the same names,
+    shapes and dtypes) or their difference to the global ones, the number of samples
+    trained on, and metrics.
+``evaluate(weights, ctx) -> EvalResult``  (optional)
+    Validation metrics of the given (global) weights on this site's data.
+
+``ctx`` (:class:`TaskContext`) says which round this is, the round's config, where
+the site's data is, which device to use and where to write scratch files; its
+``report(progress, **metrics)`` streams progress to the agent and on to Airflow.
+
+Everything the trainer returns is checked before it leaves the site: a NaN or
+infinite value, a missing or extra tensor, or a changed shape fails the task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+__all__ = ["EvalResult", "TaskContext", "TrainResult", "Trainer", "Weights"]
+
+Weights = Mapping[str, Any]
+"""Model weights by name: numpy arrays or torch tensors."""
+
+
+@dataclass
+class TaskContext:
+    """What a trainer knows about the task it runs."""
+
+    task_id: str
+    site: str
+    round: int
+    kind: str  # "train", "evaluate" or "initialize"
+    config: dict[str, Any]  # this round's settings from the server (lr, epochs, fedprox_mu...)
+    data_dir: Path  # the site's data folder (site.yaml: data_dir)
+    work_dir: Path  # scratch folder of this task; the agent removes it once the server has the result
+    app_dir: Path  # the app's files (app.yaml, custom/)
+    device: str  # "cuda:0" when GPUs are assigned and CUDA works, else "cpu"
+    gpus: tuple[int, ...] = ()  # physical GPU ids assigned; visible to the process as cuda:0..n-1
+    _reporter: Callable[[float, dict[str, float]], None] | None = field(default=None, repr=False)
+
+    def report(self, progress: float, **metrics: float) -> None:
+        """Tell the agent how far the task is (0..1) and its latest metrics (numbers)."""
+        values = {name: as_number(value, f"metric {name!r}") for name, value in metrics.items()}
+        progress = min(1.0, max(0.0, as_number(progress, "progress")))
+        if self._reporter is not None:
+            self._reporter(progress, values)
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns."""
+
+    weights: Weights
+    num_samples: int  # samples trained on: the weight of this site in FedAvg
+    metrics: dict[str, float] = field(default_factory=dict)
+    is_difference: bool = False  # True when ``weights`` hold (local - global)
+
+
+@dataclass
+class EvalResult:
+    """What ``evaluate`` returns."""
+
+    metrics: dict[str, float]
+    num_samples: int = 0
+
+
+def as_number(value: Any, what: str) -> float:
+    """``value`` as a float; numpy and torch scalars are accepted, text and flags are not."""
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{what} must be a number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be a number, got {type(value).__name__}") from None
+
+
+class Trainer:
+    """Base class of trainers (optional: any class with these methods works).
+
+    The constructor receives ``trainer.args`` from ``app.yaml`` as keyword arguments.
+    """
+
+    tensor_format: ClassVar[str] = "numpy"  # how global weights are handed in: "numpy" or "torch"
+
+    def train(self, weights: Weights, ctx: TaskContext) -> TrainResult:
+        raise NotImplementedError(f"{type(self).__name__} does not implement train()")
+
+    def evaluate(self, weights: Weights, ctx: TaskContext) -> EvalResult:
+        raise NotImplementedError(f"{type(self).__name__} does not implement evaluate()")
+
+    # Optional: ``initial_weights(self) -> Weights``, the app's starting model, used for
+    # tasks of kind "initialize" when a run is given no initial model.

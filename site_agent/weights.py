@@ -1,0 +1,180 @@
+"""Weights on disk (safetensors only) and the checks a trainer's output must pass.
+
+Torch is imported only when a trainer works with torch tensors, so trainers built on
+numpy alone start fast.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# dtype names (numpy's and torch's spelling) -> safetensors dtype codes
+_DTYPE_CODES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+_FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
+
+
+class WeightsError(ValueError):
+    """Weights that are unreadable or not what was expected; the message names the tensor."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: str  # safetensors code: F32, I64...
+    shape: tuple[int, ...]
+
+
+def tensor_layout(path: Path) -> dict[str, TensorSpec]:
+    """Names, dtypes and shapes in a safetensors file, read from its header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            layout = {}
+            for name in f.keys():
+                piece = f.get_slice(name)
+                layout[name] = TensorSpec(piece.get_dtype(), tuple(piece.get_shape()))
+            return layout
+    except FileNotFoundError:
+        raise WeightsError(f"{Path(path).name}: weights file is missing") from None
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise WeightsError(f"{Path(path).name}: not a readable safetensors file ({exc})") from None
+
+
+def load_weights(path: Path, tensor_format: str = "numpy") -> dict[str, Any]:
+    """All tensors of a safetensors file, as numpy arrays or (``"torch"``) CPU tensors."""
+    if tensor_format == "torch":
+        from safetensors.torch import load_file
+    elif tensor_format == "numpy":
+        from safetensors.numpy import load_file
+    else:
+        raise WeightsError(f"unknown tensor_format {tensor_format!r}; use 'numpy' or 'torch'")
+    try:
+        return dict(load_file(str(path)))
+    except Exception as exc:
+        raise WeightsError(f"{Path(path).name}: cannot load weights ({exc})") from None
+
+
+def convert_weights(weights: Mapping[str, Any], tensor_format: str = "numpy") -> dict[str, Any]:
+    """``weights`` as numpy arrays or (``"torch"``) CPU tensors, whichever they were."""
+    if tensor_format == "torch":
+        import torch
+
+        return {k: v if _is_torch(v) else torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+    return {k: v.detach().cpu().numpy() if _is_torch(v) else np.asarray(v) for k, v in weights.items()}
+
+
+def _is_torch(value: Any) -> bool:
+    return type(value).__module__.startswith("torch")
+
+
+def _describe(name: str, value: Any) -> TensorSpec:
+    if _is_torch(value):
+        dtype = str(value.dtype).removeprefix("torch.")
+    elif isinstance(value, np.ndarray):
+        dtype = value.dtype.name
+    else:
+        raise WeightsError(f"tensor {name!r} is a {type(value).__name__}, expected a numpy array or torch tensor")
+    code = _DTYPE_CODES.get(dtype)
+    if code is None:
+        raise WeightsError(f"tensor {name!r} has dtype {dtype}, which cannot be stored")
+    return TensorSpec(code, tuple(int(d) for d in value.shape))
+
+
+def _all_finite(value: Any) -> bool:
+    if _is_torch(value):
+        import torch
+
+        return bool(torch.isfinite(value).all())
+    return bool(np.isfinite(value).all())
+
+
+def check_update(expected: Mapping[str, TensorSpec], weights: Any, is_difference: bool) -> None:
+    """Raise :class:`WeightsError` unless ``weights`` fit the global model's layout and are finite.
+
+    With no global weights (``expected`` empty: the site initialises the model) any
+    non-empty set of full weights is accepted.
+    """
+    if not isinstance(weights, Mapping):
+        raise WeightsError(f"the trainer returned weights as a {type(weights).__name__}, expected a dict of tensors")
+    if not weights:
+        raise WeightsError("the trainer returned no weights")
+    if not all(isinstance(name, str) for name in weights):
+        raise WeightsError("tensor names must be strings")
+    if expected:
+        missing = sorted(set(expected) - set(weights))
+        extra = sorted(set(weights) - set(expected))
+        if missing or extra:
+            raise WeightsError(f"the returned weights do not match the global model: missing {missing}, unexpected {extra}")
+    elif is_difference:
+        raise WeightsError("a weight difference needs global weights; the first round must return full weights")
+    for name, value in weights.items():
+        spec = _describe(name, value)
+        want = expected.get(name)
+        if want is not None and spec != want:
+            raise WeightsError(
+                f"tensor {name!r} is {spec.dtype}{list(spec.shape)}, the global model has {want.dtype}{list(want.shape)}"
+            )
+        if spec.dtype in _FLOAT_CODES and not _all_finite(value):
+            raise WeightsError(f"tensor {name!r} holds NaN or infinite values")
+
+
+def save_weights(path: Path, weights: Mapping[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """Write ``weights`` as safetensors atomically (temp file, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        if any(_is_torch(v) for v in weights.values()):
+            import torch
+            from safetensors.torch import save_file
+
+            tensors = {k: (v if _is_torch(v) else torch.from_numpy(np.ascontiguousarray(v))) for k, v in weights.items()}
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        else:
+            from safetensors.numpy import save_file
+
+            save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def finite_metrics(metrics: Any, what: str) -> dict[str, float]:
+    """Metrics as ``{name: float}``; raises :class:`WeightsError` for anything else or a NaN."""
+    from .trainer import as_number
+
+    if not isinstance(metrics, Mapping):
+        raise WeightsError(f"{what} must be a dict of name -> number")
+    clean = {}
+    for name, value in metrics.items():
+        try:
+            number = as_number(value, f"metric {name!r}")
+        except TypeError as exc:
+            raise WeightsError(f"{what}: {exc}") from None
+        if not math.isfinite(number):
+            raise WeightsError(f"{what}: metric {name!r} is {number}")
+        clean[str(name)] = number
+    return clean

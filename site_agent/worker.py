@@ -1,0 +1,186 @@
+"""The child process that runs one task: ``python -m site_agent.worker TASK_DIR [--progress-fd N]``.
+
+It loads the app's trainer, reads the global weights, calls ``train`` or ``evaluate``,
+checks what comes back and writes the result atomically (``result.safetensors`` first,
+then ``result.json``). Progress, metrics and a failure's message go to the agent as
+JSON lines on the pipe ``--progress-fd``, never mixed with what user code prints.
+
+The agent starts it in its own process group; if the agent dies, the worker notices
+its parent is gone and ends its whole group, so no orphan keeps a GPU busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from flare_provider.wire.bundles import BUILTIN_TRAINERS, CUSTOM_DIR, custom_modules, load_app_config
+
+from .task_store import TaskPaths, write_json_atomic
+from .trainer import EvalResult, TaskContext, TrainResult
+from .weights import WeightsError, check_update, finite_metrics, load_weights, save_weights, tensor_layout
+
+RESULT_KIND_KEY = "flare.result_kind"  # safetensors metadata: "weights" or "difference"
+_MAX_ERROR_CHARS = 2000
+
+
+class TaskFailure(Exception):
+    """A problem the worker found itself (bad app, bad result), reported as is."""
+
+
+class ProgressChannel:
+    """JSON lines to the agent over an inherited pipe."""
+
+    def __init__(self, fd: int | None):
+        self._file = os.fdopen(fd, "w", buffering=1) if fd is not None else None
+        self._lock = threading.Lock()
+
+    def send(self, event: str, **fields: Any) -> None:
+        if self._file is None:
+            return
+        line = json.dumps({"event": event, **fields}, allow_nan=True)
+        with self._lock:
+            try:
+                self._file.write(line + "\n")
+            except BrokenPipeError:  # the agent is gone; nobody will collect this task
+                os._exit(3)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """End this process group once the agent that started it has died."""
+    while True:
+        if os.getppid() != parent_pid:
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        time.sleep(0.5)
+
+
+def _pick_device(gpus: list[int]) -> str:
+    if not gpus:
+        return "cpu"
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    # CUDA_VISIBLE_DEVICES holds the assigned GPUs, so the first of them is cuda:0 here.
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def load_trainer_class(trainer_path: str, app_dir: Path, allow_custom_code: bool) -> type:
+    custom = app_dir / CUSTOM_DIR
+    custom_files = [p.relative_to(app_dir).as_posix() for p in custom.rglob("*") if p.is_file()] if custom.is_dir() else []
+    if custom_files and not allow_custom_code:
+        raise TaskFailure("this app brings custom code, which this site does not allow (site.yaml: allow_custom_code)")
+    module_name, _, attr = trainer_path.rpartition(".")
+    if module_name.split(".", 1)[0] in custom_modules(custom_files):
+        sys.path.insert(0, str(custom))
+    elif not trainer_path.startswith(BUILTIN_TRAINERS):
+        raise TaskFailure(f"trainer {trainer_path!r} is neither built in ({BUILTIN_TRAINERS}*) nor in the app's custom code")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except AttributeError:
+        raise TaskFailure(f"trainer {trainer_path!r}: module {module_name!r} has no {attr!r}") from None
+    except ModuleNotFoundError as exc:
+        raise TaskFailure(f"trainer {trainer_path!r} cannot be imported: {exc}") from None
+
+
+def run_task(paths: TaskPaths, channel: ProgressChannel) -> None:
+    """Run the task described in ``paths.worker_input``; raises on any failure."""
+    job = json.loads(paths.worker_input.read_text())
+    app_dir = Path(job["app_dir"])
+    config = load_app_config(app_dir)
+    trainer_cls = load_trainer_class(config.trainer_path, app_dir, bool(job["allow_custom_code"]))
+    expected = tensor_layout(paths.global_weights)
+    weights = load_weights(paths.global_weights, getattr(trainer_cls, "tensor_format", "numpy"))
+    paths.scratch.mkdir(exist_ok=True)
+    ctx = TaskContext(
+        task_id=job["task_id"],
+        site=job["site"],
+        round=int(job["round"]),
+        kind=job["kind"],
+        config=dict(job["config"]),
+        data_dir=Path(job["data_dir"]),
+        work_dir=paths.scratch,
+        app_dir=app_dir,
+        device=_pick_device(job["gpus"]),
+        gpus=tuple(job["gpus"]),
+        _reporter=lambda progress, metrics: channel.send("progress", progress=progress, metrics=metrics),
+    )
+    channel.send("started", device=ctx.device)
+    trainer = trainer_cls(**config.trainer_args)
+
+    if ctx.kind == "evaluate":
+        outcome = trainer.evaluate(weights, ctx)
+        if not isinstance(outcome, EvalResult):
+            raise TaskFailure(f"evaluate() returned {type(outcome).__name__}, expected EvalResult")
+        info = {"kind": "metrics", "num_samples": _count(outcome.num_samples),
+                "metrics": finite_metrics(outcome.metrics, "evaluate() metrics")}
+    elif ctx.kind == "initialize":
+        make_initial = getattr(trainer, "initial_weights", None)
+        if make_initial is None:
+            raise TaskFailure(f"trainer {config.trainer_path!r} has no initial_weights(); give the run an initial model")
+        initial = make_initial()
+        check_update({}, initial, is_difference=False)
+        info = {"kind": "weights", "num_samples": 0, "metrics": {}}
+        save_weights(paths.result_weights, initial, {RESULT_KIND_KEY: "weights", "flare.task_id": ctx.task_id})
+    else:
+        outcome = trainer.train(weights, ctx)
+        if not isinstance(outcome, TrainResult):
+            raise TaskFailure(f"train() returned {type(outcome).__name__}, expected TrainResult")
+        check_update(expected, outcome.weights, outcome.is_difference)
+        kind = "difference" if outcome.is_difference else "weights"
+        info = {"kind": kind, "num_samples": _count(outcome.num_samples),
+                "metrics": finite_metrics(outcome.metrics, "train() metrics")}
+        save_weights(paths.result_weights, outcome.weights, {RESULT_KIND_KEY: kind, "flare.task_id": ctx.task_id})
+    write_json_atomic(paths.result_info, info, durable=True)  # the commit point of the result
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) and not hasattr(value, "__index__"):
+        raise TaskFailure(f"num_samples must be a whole number, got {value!r}")
+    value = int(value)
+    if value < 0:
+        raise TaskFailure(f"num_samples must not be negative, got {value}")
+    return value
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, (TaskFailure, WeightsError)):
+        text = str(exc)
+    elif isinstance(exc, SystemExit):
+        text = f"the trainer called sys.exit({exc.code!r})"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return text[:_MAX_ERROR_CHARS]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m site_agent.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("task_dir", type=Path)
+    parser.add_argument("--progress-fd", type=int, default=None)
+    parser.add_argument("--parent-pid", type=int, default=None, help="end when this process is gone")
+    args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
+    channel = ProgressChannel(args.progress_fd)
+    try:
+        run_task(TaskPaths(args.task_dir.resolve()), channel)
+    except BaseException as exc:  # user code may raise anything, SystemExit included
+        traceback.print_exc()
+        channel.send("failed", error=_message(exc))
+        return 1
+    channel.send("finished")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Shared fixtures for the site agent's tests: real provisioned kits, real agents.
+
+A federation is provisioned into a temporary workspace with its sites on free loopback
+ports. Agents run as real ``flare-agent start`` child processes (the same entry point
+as the console script) serving mutual TLS; :class:`AgentProcess` stops them with
+SIGTERM, kills them with SIGKILL and starts them again. Every wait is bounded.
+
+Test modules reach everything through fixtures (``federation``, ``agent``,
+``make_agent``, ``wait_until``), since conftest modules are not imported by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # keep the handshake failures we provoke out of the output
+
+from flare_provider.client import AgentClient, AgentError, load_caller_kit
+from flare_provider.provisioning import load_project, provision
+from flare_provider.wire.bundles import build_bundle
+from site_agent.audit import AUDIT_FILE, read_audit_log
+
+SERVER = "fl-server"
+SITES = {"site-1": "org_a", "site-2": "org_b"}
+ADMINS = {  # name: (org, role)
+    "boss@lead": ("lead_org", "project_admin"),
+    "it@org_a": ("org_a", "org_admin"),
+    "chief@org_b": ("org_b", "lead"),
+    "viewer@org_a": ("org_a", "member"),
+}
+EXAMPLE_APPS = Path(__file__).resolve().parents[2] / "examples" / "apps"
+START_TIMEOUT = 60.0  # seconds for an agent to answer after it was started
+STOP_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def project_yaml(name: str, ports: dict[str, int]) -> str:
+    lines = [
+        "api_version: 3",
+        f"name: {name}",
+        "participants:",
+        f"  - {{name: {SERVER}, type: server, org: lead_org}}",
+    ]
+    for site, org in SITES.items():
+        lines.append(f"  - {{name: {site}, type: client, org: {org}, agent_host: 127.0.0.1, agent_port: {ports[site]}}}")
+    for admin, (org, role) in ADMINS.items():
+        lines.append(f"  - {{name: '{admin}', type: admin, org: {org}, role: {role}}}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Federation:
+    """A provisioned project: its workspace, kit folders and the sites' ports."""
+
+    name: str
+    workspace: Path
+    kits: dict[str, Path]
+    ports: dict[str, int]
+    server: str = SERVER
+    sites: tuple[str, ...] = tuple(SITES)
+
+    @property
+    def server_kit(self) -> Path:
+        return self.kits[SERVER]
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workspace / self.name / "state"
+
+    def address(self, site: str) -> str:
+        return f"127.0.0.1:{self.ports[site]}"
+
+    def pem(self, participant: str, name: str) -> bytes:
+        """A PEM file of a participant's kit: ``crt``, ``key`` or ``rootCA``."""
+        file = "rootCA.pem" if name == "rootCA" else f"{participant}.{name}"
+        return (self.kits[participant] / "startup" / file).read_bytes()
+
+    def bundle(self, app: str, signer: str = SERVER) -> bytes:
+        """The example app ``app`` as a bundle signed by ``signer`` (the server identity by default)."""
+        return build_bundle(EXAMPLE_APPS / app, self.pem(signer, "crt"), self.pem(signer, "key"))
+
+    def client(self, site: str, caller: str = SERVER, **kwargs) -> AgentClient:
+        """A client of ``site``'s agent with ``caller``'s identity (the server, an admin, a site)."""
+        if caller in SITES:  # a site's kit is no caller kit; build from its PEM files
+            pems = (self.pem(caller, "crt"), self.pem(caller, "key"), self.pem(caller, "rootCA"))
+            return AgentClient(site, self.address(site), *pems, **kwargs)
+        return load_caller_kit(self.kits[caller]).client(site, **kwargs)
+
+
+def provision_federation(root: Path, name: str) -> Federation:
+    ports = {site: free_port() for site in SITES}
+    project_file = root / "project.yml"
+    project_file.write_text(project_yaml(name, ports))
+    result = provision(load_project(project_file), root / "workspace")
+    return Federation(name, root / "workspace", dict(result.kits), ports)
+
+
+class AgentProcess:
+    """A ``flare-agent start`` child process for one site's kit."""
+
+    def __init__(self, federation: Federation, site: str, extra_args: tuple[str, ...] = ()):
+        self.federation = federation
+        self.site = site
+        self.kit = federation.kits[site]
+        self.port = federation.ports[site]
+        self.extra_args = extra_args
+        self.log_path = self.kit / "agent.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def work_dir(self) -> Path:
+        return self.kit / "work"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "site_agent.cli", "start", "--kit", str(self.kit),
+            "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args,
+        ]
+
+    def start(self) -> "AgentProcess":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        with self.federation.client(self.site, timeout=2.0) as client:
+            while True:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"agent of {self.site} exited with {self.proc.returncode}:\n{self.log_tail()}")
+                try:
+                    client.status()
+                    return
+                except AgentError:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"agent of {self.site} did not answer in {timeout} s:\n{self.log_tail()}") from None
+                    time.sleep(0.2)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"agent of {self.site} did not exit in {timeout} s:\n{self.log_tail()}") from None
+
+    def stop(self) -> int:
+        """SIGTERM and wait: the clean way."""
+        if not self.alive:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait_exit()
+
+    def kill(self) -> None:
+        """SIGKILL: the agent dies without any clean-up."""
+        if self.alive:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(STOP_TIMEOUT)
+
+    def restart(self) -> "AgentProcess":
+        self.stop()
+        return self.start()
+
+    def ensure_running(self) -> "AgentProcess":
+        return self if self.alive else self.start()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def audit_entries(self) -> list[dict]:
+        return read_audit_log(self.work_dir / AUDIT_FILE)
+
+    def task_dir(self, task_id: str) -> Path:
+        return self.work_dir / "tasks" / task_id
+
+    def worker_pids(self, task_id: str) -> list[int]:
+        """Processes running ``site_agent.worker`` for a task of this agent (read from /proc)."""
+        task_dir = str(self.task_dir(task_id)).encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"site_agent.worker" in args and task_dir in args:
+                found.append(int(entry.name))
+        return found
+
+
+def _wait_until(condition, timeout: float, what: str, interval: float = 0.1):
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory) -> Federation:
+    return provision_federation(tmp_path_factory.mktemp("federation"), "transport_test")
+
+
+@pytest.fixture(scope="module")
+def other_federation(tmp_path_factory) -> Federation:
+    """A second project: its own root CA, the same participant names."""
+    return provision_federation(tmp_path_factory.mktemp("other_federation"), "other_project")
+
+
+@pytest.fixture(scope="module")
+def make_agent(federation):
+    """``make_agent(site, *extra_args)``: an agent process (not started), stopped at the module's end."""
+    made: list[AgentProcess] = []
+
+    def make(site: str, *extra_args: str) -> AgentProcess:
+        made.append(AgentProcess(federation, site, extra_args))
+        return made[-1]
+
+    yield make
+    for process in made:
+        if process.alive:
+            process.stop()
+
+
+@pytest.fixture(scope="module")
+def agent(make_agent) -> AgentProcess:
+    """site-1's agent, running for the module (tests that stop it start it again)."""
+    return make_agent("site-1").start()
+
+
+@pytest.fixture(scope="session")
+def wait_until():
+    """``wait_until(condition, timeout, what)``: poll until truthy, fail after ``timeout`` seconds."""
+    return _wait_until
+
+
