@@ -23,9 +23,13 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(_AIRFLOW_HOME / "dags")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def airflow_db() -> Path:
-    """An initialised Airflow metadata database (SQLite) for ``dag.test()``."""
+    """An initialised Airflow metadata database (SQLite) for ``dag.test()``.
+
+    Made before any test runs: Airflow, once imported, keeps what it found at import
+    (a database without tables would stay unusable for connections).
+    """
     subprocess.run(
         [sys.executable, "-m", "airflow", "db", "migrate"],
         check=True,
@@ -47,13 +51,18 @@ def run_dag(airflow_db):
     dags = airflow_db / "dags"
     dags.mkdir(exist_ok=True)
 
-    def run(source: str, dag_id: str, conf: dict | None = None):
+    def run(source: str, dag_id: str, conf: dict | None = None, logical_date: str | None = None):
         path = dags / f"{dag_id}.py"
         path.write_text(source)
         spec = importlib.util.spec_from_file_location(f"test_dag_{dag_id}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return getattr(module, "dag").test(run_conf=conf)
+        kwargs = {"run_conf": conf}
+        if logical_date is not None:  # the same dates give the same run id: a rerun of that DAG run
+            import pendulum
+
+            kwargs["logical_date"] = kwargs["run_after"] = pendulum.parse(logical_date)
+        return getattr(module, "dag").test(**kwargs)
 
     return run
 

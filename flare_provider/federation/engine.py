@@ -156,6 +156,7 @@ class FederatedRun:
     """
 
     poll_interval = 0.5
+    connect_grace = 10.0  # seconds a site may be unreachable at scatter before it is dropped
 
     def __init__(
         self,
@@ -296,15 +297,23 @@ class FederatedRun:
         flight = InFlight(number, {s: spec.task_id(number, s) for s in spec.sites}, now, now + spec.train_timeout)
 
         def submit(site: str) -> tuple[TaskInfo, bool]:
-            return self.client(site).submit_task(
-                flight.task_ids[site],
-                spec.app_name,
-                weights_file,
-                number,
-                config=config,
-                app_version=spec.app_version,
-                num_gpus=spec.num_gpus,
-            )
+            # A site that just restarted, or a blip in the network, gets a few seconds.
+            deadline = time.monotonic() + self.connect_grace
+            while True:
+                try:
+                    return self.client(site).submit_task(
+                        flight.task_ids[site],
+                        spec.app_name,
+                        weights_file,
+                        number,
+                        config=config,
+                        app_version=spec.app_version,
+                        num_gpus=spec.num_gpus,
+                    )
+                except AgentError as exc:
+                    if exc.code.name != "UNAVAILABLE" or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
 
         for site, outcome in self._parallel(submit, spec.sites).items():
             if isinstance(outcome, BaseException):

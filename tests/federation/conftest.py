@@ -58,3 +58,4 @@ def snapshot_bucket(s3, airflow_db):
         "--conn-password", TEST_KEYS["aws_secret_access_key"], "--conn-extra", extra,
     )
     return bucket
+
