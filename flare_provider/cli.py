@@ -14,7 +14,14 @@ import os
 import sys
 from pathlib import Path
 
-from .provisioning import GENERATE, ProjectError, WorkspaceStateError, load_project, provision, verify_folder
+from .provisioning import (
+    GENERATE,
+    ProjectError,
+    WorkspaceStateError,
+    load_project,
+    provision,
+    verify_folder,
+)
 from .provisioning.kits import STARTUP
 from .provisioning.packages import PackageError, is_encrypted, unpack
 
@@ -80,7 +87,11 @@ def cmd_unpack(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Ask every site of a server or admin kit for its status, all at once; exit 1 if any is down."""
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # the table says why a site failed; no C-level log lines
-    from .client import AgentError, KitError, load_caller_kit  # needs grpc, which provisioning does not
+    from .client import (  # needs grpc, which provisioning does not
+        AgentError,
+        KitError,
+        load_caller_kit,
+    )
 
     try:
         kit = load_caller_kit(args.kit)

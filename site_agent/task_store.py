@@ -14,11 +14,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from flare_provider.files import write_atomic
 
 TASKS_DIR = "tasks"
 STAGING_PREFIX = "."
@@ -65,19 +65,7 @@ def write_json_atomic(path: Path, doc: Any, durable: bool = False) -> None:
     ``durable`` also flushes to disk first (for state that must survive a power cut,
     not only a crash of the process).
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2, sort_keys=True)
-            f.write("\n")
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(), durable=durable)
 
 
 def read_json(path: Path) -> Any:

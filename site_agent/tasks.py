@@ -26,10 +26,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .apps import AppStore
-from .errors import InvalidTaskError, NoResultError, TaskRejected, UnknownAppError, UnknownTaskError
+from .errors import (
+    InvalidTaskError,
+    NoResultError,
+    TaskRejected,
+    UnknownAppError,
+    UnknownTaskError,
+)
 from .gpus import GpuPool
 from .settings import SiteSettings
-from .task_store import STAGING_PREFIX, TASKS_DIR, TaskPaths, read_json, write_json_atomic
+from .task_store import (
+    STAGING_PREFIX,
+    TASKS_DIR,
+    TaskPaths,
+    read_json,
+    write_json_atomic,
+)
 from .weights import WeightsError, tensor_layout
 
 log = logging.getLogger(__name__)

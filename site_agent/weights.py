@@ -10,11 +10,12 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from flare_provider.wire.tensors import TensorFormatError, TensorSpec, describe_file
 
 # dtype names (numpy's and torch's spelling) -> safetensors dtype codes
 _DTYPE_CODES = {
@@ -39,26 +40,13 @@ class WeightsError(ValueError):
     """Weights that are unreadable or not what was expected; the message names the tensor."""
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    dtype: str  # safetensors code: F32, I64...
-    shape: tuple[int, ...]
-
-
 def tensor_layout(path: Path) -> dict[str, TensorSpec]:
     """Names, dtypes and shapes in a safetensors file, read from its header only."""
-    from safetensors import safe_open
-
+    if not Path(path).is_file():
+        raise WeightsError(f"{Path(path).name}: weights file is missing")
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            layout = {}
-            for name in f.keys():
-                piece = f.get_slice(name)
-                layout[name] = TensorSpec(piece.get_dtype(), tuple(piece.get_shape()))
-            return layout
-    except FileNotFoundError:
-        raise WeightsError(f"{Path(path).name}: weights file is missing") from None
-    except Exception as exc:  # safetensors raises its own error types for a bad header
+        return describe_file(path)[0]
+    except TensorFormatError as exc:
         raise WeightsError(f"{Path(path).name}: not a readable safetensors file ({exc})") from None
 
 

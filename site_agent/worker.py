@@ -23,13 +23,25 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from flare_provider.wire.bundles import BUILTIN_TRAINERS, CUSTOM_DIR, custom_modules, load_app_config
+from flare_provider.wire.bundles import (
+    BUILTIN_TRAINERS,
+    CUSTOM_DIR,
+    custom_modules,
+    load_app_config,
+)
+from flare_provider.wire.tensors import RESULT_KIND_KEY
 
 from .task_store import TaskPaths, write_json_atomic
 from .trainer import EvalResult, TaskContext, TrainResult
-from .weights import WeightsError, check_update, finite_metrics, load_weights, save_weights, tensor_layout
+from .weights import (
+    WeightsError,
+    check_update,
+    finite_metrics,
+    load_weights,
+    save_weights,
+    tensor_layout,
+)
 
-RESULT_KIND_KEY = "flare.result_kind"  # safetensors metadata: "weights" or "difference"
 _MAX_ERROR_CHARS = 2000
 
 

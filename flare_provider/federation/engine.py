@@ -32,14 +32,13 @@ import numpy as np
 from ..aggregation import UpdateRejected, make_aggregator
 from ..client import AgentClient, AgentError, CallerKit, TaskInfo
 from ..snapshots import SnapshotStore
-from ..wire.tensors import TensorFormatError, describe_file, load_file, save_file
+from ..wire.tensors import RESULT_KIND_KEY, TensorFormatError, describe_file, load_file, save_file
 from .gather import GatherPolicy
 
 log = logging.getLogger(__name__)
 
 # The agent names a result "weights" or "difference" in the file's metadata; aggregators
 # say "weights" or "diff".
-RESULT_KIND_KEY = "flare.result_kind"
 _UPDATE_KIND = {"weights": "weights", "difference": "diff"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 

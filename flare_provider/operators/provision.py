@@ -42,7 +42,12 @@ class ProvisionOperator(BaseOperator):
         self.package_password = package_password
 
     def execute(self, context: Any) -> dict:
-        from flare_provider.provisioning import ProjectError, WorkspaceStateError, load_project, provision
+        from flare_provider.provisioning import (
+            ProjectError,
+            WorkspaceStateError,
+            load_project,
+            provision,
+        )
 
         try:
             project = load_project(self.project_file)

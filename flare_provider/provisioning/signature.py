@@ -9,7 +9,6 @@ given (the one provisioning prints), which also catches a kit re-signed by anoth
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ..files import file_digest
 from .certs import Identity, fingerprint
 
 SIGNATURE_FILE = "signature.json"
@@ -56,11 +56,7 @@ class VerifyReport:
 
 
 def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path)[0]
 
 
 def _walk(folder: Path) -> dict[str, Path]:

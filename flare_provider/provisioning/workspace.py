@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files import write_atomic
 from .certs import Identity, create_root_ca, issue_certificate
 from .kits import STARTUP, cert_file, key_file, write_kit
 from .packages import ENCRYPTED_SUFFIX, encrypt, generate_password, zip_folder
@@ -60,20 +61,6 @@ class ProvisionResult:
             "packages": {name: str(path) for name, path in self.packages.items()},
             "protected": bool(self.passwords),
         }
-
-
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Workspace:
@@ -122,9 +109,9 @@ class Workspace:
             "participants": {},
         }
         try:
-            _write_atomic(staging / ROOT_CERT, root.cert_pem)
-            _write_atomic(staging / ROOT_KEY, root.key_pem, 0o600)
-            _write_atomic(staging / STATE_FILE, json.dumps(doc, indent=2).encode())
+            write_atomic(staging / ROOT_CERT, root.cert_pem)
+            write_atomic(staging / ROOT_KEY, root.key_pem, 0o600)
+            write_atomic(staging / STATE_FILE, json.dumps(doc, indent=2).encode())
             os.chmod(staging, 0o700)
             staging.rename(self.state_dir)
         except BaseException:
@@ -133,7 +120,7 @@ class Workspace:
         return doc
 
     def save_state(self, doc: dict) -> None:
-        _write_atomic(self.state_dir / STATE_FILE, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+        write_atomic(self.state_dir / STATE_FILE, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
 
     # ---- prod folders ------------------------------------------------------------
 
@@ -232,7 +219,7 @@ def provision(
                 passwords[participant.name] = secret
                 blob = encrypt(blob, secret)
                 package_name = f"{participant.name}{ENCRYPTED_SUFFIX}"
-            _write_atomic(staging / package_name, blob, 0o600)
+            write_atomic(staging / package_name, blob, 0o600)
             packages[participant.name] = prod_dir / package_name
         staging.rename(prod_dir)
     except BaseException:

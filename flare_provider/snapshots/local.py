@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-
 from urllib.parse import unquote, urlparse
 
+from ..files import CHUNK_BYTES, atomic_file, file_digest
 from .backend import Backend
 from .errors import SnapshotError
-from .files import CHUNK_BYTES, atomic_file, file_digest
 
 
 def path_from_file_uri(uri: str) -> Path:

@@ -88,7 +88,12 @@ def make_s3_client(settings: Mapping[str, Any] | None = None):
 
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the S3 call that raised ``exc`` may succeed."""
-    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionError,
+        HTTPClientError,
+        IncompleteReadError,
+    )
 
     seen: set[int] = set()
     current: BaseException | None = exc

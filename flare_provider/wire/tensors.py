@@ -8,14 +8,14 @@ so reading one can never run code (unlike pickle). Malformed input raises
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
+
+from ..files import write_atomic
 
 RESULT_KIND_KEY = "flare.result_kind"
 """Metadata key of a site's result file: ``"weights"`` (full weights) or ``"difference"``
@@ -55,18 +55,7 @@ def dump_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
     """Write ``tensors`` to ``path`` atomically: a reader sees the old file or the whole new one."""
-    path = Path(path)
-    data = dump_bytes(tensors, metadata)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, dump_bytes(tensors, metadata))
 
 
 def load_bytes(data: bytes, source: str = "safetensors data") -> dict[str, np.ndarray]:

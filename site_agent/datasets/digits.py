@@ -8,12 +8,12 @@ imported only here, when data is prepared.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from flare_provider.files import atomic_file
 
 NUM_CLASSES = 10
 MIN_SITE_SAMPLES = 20
@@ -59,14 +59,8 @@ def _label_skew(labels: np.ndarray, num_sites: int, alpha: float, rng: np.random
 
 
 def _save_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, x=x, y=y)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        np.savez(f, x=x, y=y)
 
 
 def write_site_partitions(

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
-
 from s3_server import MotoServer  # tests/ is on sys.path
+from safetensors.numpy import save_file
 
 
 class TcpProxy:

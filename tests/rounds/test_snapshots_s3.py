@@ -14,8 +14,8 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 from safetensors.numpy import save_file
 
+from flare_provider.files import file_digest
 from flare_provider.snapshots import SnapshotError, SnapshotStore
-from flare_provider.snapshots.files import file_digest
 
 FED, RUN = "fed", "manual__2026-05-02T08:30:00+00:00"
 MIB = 1 << 20

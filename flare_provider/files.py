@@ -1,4 +1,9 @@
-"""Local file helpers: streamed SHA-256 and atomic writes (temp file + fsync + rename)."""
+"""Local file helpers shared by every part: streamed SHA-256 and atomic writes.
+
+An atomic write goes to a temporary file beside the target and is renamed over it only
+when complete, so a reader (or a process restarted after a crash) sees the old file or
+the whole new one, never a part.
+"""
 
 from __future__ import annotations
 
@@ -25,23 +30,33 @@ def file_digest(path: str | Path) -> tuple[str, int]:
 
 
 @contextmanager
-def atomic_file(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_file(path: str | Path, mode: int = 0o644, durable: bool = True) -> Iterator[BinaryIO]:
     """Write ``path`` through a temporary file beside it, renamed into place only on success.
 
-    Readers see the old file or the whole new one, never a part, also after a crash.
+    ``durable`` also flushes the data and the rename to disk, so it survives a power
+    cut and not only a crash of the process.
     """
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def write_atomic(path: str | Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    """``data`` to ``path`` with :func:`atomic_file`."""
+    with atomic_file(path, mode, durable) as f:
+        f.write(data)
 
 
 def fsync_dir(path: Path) -> None:
