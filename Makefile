@@ -5,12 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv test clean proto
+.PHONY: venv test clean proto demo bench
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints/test.txt
-	@command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
+$(STAMP): pyproject.toml constraints/test.txt scripts/system-deps.sh
+	bash scripts/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
 	$(BIN)/pip install --quiet -c constraints/test.txt -e ".[airflow,agent,test]"
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml constraints/test.txt
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: venv  # a local federation trained by a real Airflow; Ctrl-C stops it (see scripts/demo.py)
+	$(BIN)/python scripts/demo.py
 
 proto: venv  # regenerate the gRPC code from flare_provider/wire/agent.proto
 	$(BIN)/python -m flare_provider.wire.codegen

@@ -222,7 +222,7 @@ class FederatedRun:
         snapshot = self.store.latest(spec.federation, spec.run_id)
         if snapshot is None:
             weights = self._initial_weights()
-            self.log.info("Starting %s run %s from the initial model (%d tensors)", spec.federation, spec.run_id, len(weights))
+            self.log.info("Starting %s run %s at round 1 (model of %d tensors)", spec.federation, spec.run_id, len(weights))
             return Progress(0, weights, [], None)
         state = snapshot.state
         if state.get("config_hash") != spec.config_hash:

@@ -1,0 +1,90 @@
+"""What the example training DAGs share: their settings, trigger-form params and tasks.
+
+Not a DAG file (``.airflowignore`` keeps the dag-processor from parsing it); the DAG
+files import it, as Airflow puts the DAGs folder on ``sys.path``. Like them, it imports
+nothing heavy: the operators load the engine, gRPC and numpy only when a task runs.
+
+Settings come from the environment of the Airflow components:
+
+- ``FLARE_CONN_ID``: the federation's ``flare`` connection, imported from the server kit
+  with ``airflow connections import <server kit>/startup/connections.json``
+  (default ``flare_default``);
+- ``FLARE_APP_DIR``: the app folder to deploy (default: this repository's
+  ``examples/apps/digits``), and ``FLARE_APP_NAME``: the name in its ``app.yaml``
+  (default ``digits``);
+- ``FLARE_SNAPSHOT_URI``: where rounds are committed, ``s3://bucket/prefix`` or
+  ``file:///path`` (read by ``ScatterGatherOperator``; default
+  ``file://$AIRFLOW_HOME/flare-snapshots``).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import Param
+
+from flare_provider.operators import DeployAppOperator, ScatterGatherOperator
+from flare_provider.operators.scatter_gather import BUILTIN_AGGREGATORS
+from flare_provider.sensors.sites_ready import SitesReadySensor
+
+CONN_ID = os.environ.get("FLARE_CONN_ID") or "flare_default"
+REPO = Path(__file__).resolve().parent.parent
+APP_DIR = os.environ.get("FLARE_APP_DIR") or str(REPO / "examples" / "apps" / "digits")
+APP_NAME = os.environ.get("FLARE_APP_NAME") or "digits"
+
+# The trigger form validates these; the DAGs render templates as native objects, so
+# "{{ params.rounds }}" reaches the operator as an int and an empty min_clients as None.
+TRAINING_PARAMS = {
+    "rounds": Param(5, type="integer", minimum=1, maximum=1000, title="Rounds", description="Federated rounds to run."),
+    "min_clients": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        title="Minimum sites",
+        description="Sites that must be up to start and that a round needs results from; empty: every site.",
+    ),
+    "aggregator": Param(
+        "fedavg",
+        type="string",
+        enum=list(BUILTIN_AGGREGATORS),
+        title="Aggregator",
+        description="How the sites' updates are combined into the global model.",
+    ),
+}
+
+
+def training_tasks(**train_kwargs: Any) -> ScatterGatherOperator:
+    """``sites_ready >> deploy >> train`` in the DAG being defined; returns ``train``.
+
+    ``train_kwargs`` go to ``ScatterGatherOperator`` (``initial_model``, ``deferrable``, ...).
+    """
+    ready = SitesReadySensor(
+        task_id="sites_ready",
+        flare_conn_id=CONN_ID,
+        min_clients="{{ params.min_clients }}",
+        mode="reschedule",  # a site still starting up costs no worker slot
+        poke_interval=10,
+        timeout=600,
+    )
+    deploy = DeployAppOperator(
+        task_id="deploy", app_dir=APP_DIR, flare_conn_id=CONN_ID, retries=1, retry_delay=timedelta(seconds=30)
+    )
+    train = ScatterGatherOperator(
+        task_id="train",
+        app_name=APP_NAME,
+        flare_conn_id=CONN_ID,
+        num_rounds="{{ params.rounds }}",
+        min_clients="{{ params.min_clients }}",
+        aggregator="{{ params.aggregator }}",
+        evaluate=True,
+        # A retry resumes after the last committed round and re-attaches to the sites'
+        # tasks of a round in flight: nothing is trained twice.
+        retries=2,
+        retry_delay=timedelta(seconds=30),
+        **train_kwargs,
+    )
+    ready >> deploy >> train
+    return train
