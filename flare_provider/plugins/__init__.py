@@ -1,0 +1,1 @@
+"""Airflow UI plugins: the Federation page (:mod:`flare_provider.plugins.federation`)."""

@@ -1,0 +1,236 @@
+"""What the Federation page shows, gathered without any web framework.
+
+Sites come live from their agents through each ``flare`` connection's :class:`FlareHook`;
+runs come from the snapshot store, each from its newest round that verifies (a round
+that does not is skipped and named). Every failure is reported in its place on the page,
+as text without secrets; nothing here raises for a site that is down or a store that
+cannot be read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+REASON_CHARS = 400  # an error shown on the page is cut here (gRPC details can run long)
+
+
+def reason(exc: BaseException) -> str:
+    """An exception as one short line for the page."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 1] + "…"
+
+
+def utc(ts: float | str | None) -> str:
+    """A timestamp (epoch seconds or ISO 8601) as ``YYYY-MM-DD HH:MM:SS UTC``."""
+    if ts in (None, ""):
+        return ""
+    try:
+        when = datetime.fromtimestamp(float(ts), timezone.utc)
+    except (TypeError, ValueError):
+        try:
+            when = datetime.fromisoformat(str(ts)).astimezone(timezone.utc)
+        except ValueError:
+            return str(ts)
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# ---- sites --------------------------------------------------------------------------
+
+
+@dataclass
+class SiteView:
+    name: str
+    address: str
+    org: str
+    reachable: bool
+    error: str = ""
+    version: str = ""
+    gpus: list[int] = field(default_factory=list)
+    allow_custom_code: bool = False
+    apps: list[dict[str, Any]] = field(default_factory=list)
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    up_since: str = ""
+
+
+@dataclass
+class ConnectionView:
+    conn_id: str
+    project: str = ""
+    sites: list[SiteView] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def reachable(self) -> int:
+        return sum(s.reachable for s in self.sites)
+
+
+def connection_sites(conn_id: str, timeout: float) -> ConnectionView:
+    """Every site of connection ``conn_id`` as its agent reports it, asked all at once."""
+    from flare_provider.hooks.flare import FlareHook
+
+    hook = FlareHook(conn_id)
+    try:
+        kit = hook.get_kit()
+        statuses = hook.site_status(timeout=timeout)
+    except Exception as exc:  # a missing or malformed connection is shown, not raised
+        return ConnectionView(conn_id, error=reason(exc))
+    view = ConnectionView(conn_id, kit.project)
+    for name in sorted(statuses):
+        endpoint = kit.sites[name]
+        status = statuses[name]
+        if isinstance(status, Exception):
+            view.sites.append(SiteView(name, endpoint.address, endpoint.org, False, error=reason(status)))
+            continue
+        view.sites.append(
+            SiteView(
+                name,
+                endpoint.address,
+                status.org or endpoint.org,
+                True,
+                version=status.version,
+                gpus=list(status.gpus),
+                allow_custom_code=status.allow_custom_code,
+                apps=[
+                    {"name": a.name, "version": a.version, "custom": a.has_custom_code, "deployed": utc(a.deployed_at)}
+                    for a in sorted(status.apps, key=lambda a: (a.name, -a.deployed_at))
+                ],
+                tasks=[
+                    {"task_id": t.task_id, "kind": t.kind, "round": t.round, "status": t.status,
+                     "progress": t.progress, "app": t.app_name}
+                    for t in status.active_tasks
+                ],
+                up_since=utc(status.started_at),
+            )
+        )
+    return view
+
+
+# ---- runs ---------------------------------------------------------------------------
+
+
+@dataclass
+class RunView:
+    """A run as its newest verified round describes it."""
+
+    federation: str
+    run: str
+    committed_rounds: list[int]
+    skipped: list[str] = field(default_factory=list)  # rounds that did not verify, with why
+    round: int = 0  # the newest round that verified (0: none did)
+    uri: str = ""
+    committed_at: str = ""
+    state: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return [h for h in self.state.get("history", []) if isinstance(h, Mapping)]
+
+    @property
+    def num_rounds(self) -> int | None:
+        value = self.state.get("num_rounds")
+        return value if isinstance(value, int) else None
+
+    @property
+    def airflow(self) -> dict[str, str]:
+        entry = self.state.get("airflow")
+        return {k: v for k, v in entry.items() if isinstance(v, str)} if isinstance(entry, Mapping) else {}
+
+    @property
+    def dag_id(self) -> str | None:
+        return self.airflow.get("dag_id")
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return _numbers(self.history[-1].get("metrics")) if self.history else {}
+
+    @property
+    def last_record(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+    @property
+    def finished(self) -> bool:
+        return self.num_rounds is not None and self.round >= self.num_rounds
+
+    def sites(self) -> list[str]:
+        """Every site named in any round, in name order."""
+        names: set[str] = set()
+        for record in self.history:
+            names.update(_mapping(record.get("sites")))
+            names.update(_strings(record.get("accepted")))
+            names.update(_mapping(record.get("dropped")))
+        return sorted(names)
+
+    def participation(self) -> list[dict[str, Any]]:
+        """Per round: when, how long, and what became of each site."""
+        rows, sites = [], self.sites()
+        for record in self.history:
+            accepted = set(_strings(record.get("accepted")))
+            dropped = _mapping(record.get("dropped"))
+            per_site = _mapping(record.get("sites"))
+            cells = {}
+            for site in sites:
+                info = _mapping(per_site.get(site))
+                if site in accepted:
+                    cells[site] = {"state": "accepted", "num_samples": info.get("num_samples"),
+                                   "reattached": bool(info.get("reattached"))}
+                elif site in dropped or site in per_site:
+                    why = dropped.get(site) or info.get("error") or info.get("status") or "dropped"
+                    cells[site] = {"state": "dropped", "reason": " ".join(str(why).split())}
+                else:
+                    cells[site] = {"state": "absent"}
+            rows.append({
+                "round": record.get("round"),
+                "started": utc(record.get("started_at")),
+                "duration_s": record.get("duration_s"),
+                "num_samples": record.get("num_samples"),
+                "metrics": _numbers(record.get("metrics")),
+                "sites": cells,
+            })
+        return rows
+
+    def metric_names(self) -> list[str]:
+        """The metrics the rounds recorded (each the sites' sample-weighted mean), validation ones first."""
+        names = {n for record in self.history for n in _numbers(record.get("metrics"))}
+        return sorted(names, key=lambda n: (not n.startswith("val"), n))
+
+
+def read_run(store, federation: str, run: str) -> RunView:
+    """``run`` from its newest round that verifies; the rounds skipped on the way are named."""
+    from flare_provider.snapshots import SnapshotCorrupted
+
+    view = RunView(federation, run, store.list_rounds(federation, run))
+    for number in reversed(view.committed_rounds):
+        try:
+            snapshot = store.get_round(federation, run, number)
+        except SnapshotCorrupted as exc:
+            view.skipped.append(reason(exc))
+            continue
+        view.round, view.uri, view.committed_at = snapshot.round, snapshot.uri, snapshot.committed_at
+        view.state = dict(snapshot.state) if isinstance(snapshot.state, Mapping) else {}
+        break
+    return view
+
+
+def read_runs(store) -> list[RunView]:
+    """Every run in the store, the most recently committed first."""
+    runs = [read_run(store, federation, run) for federation in store.list_federations() for run in store.list_runs(federation)]
+    return sorted(runs, key=lambda r: r.committed_at, reverse=True)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _strings(value: Any) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, (list, tuple)) else []
+
+
+def _numbers(value: Any) -> dict[str, float]:
+    out = {}
+    for name, number in _mapping(value).items():
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            out[str(name)] = float(number)
+    return out
