@@ -23,19 +23,21 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(_AIRFLOW_HOME / "dags")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def airflow_db() -> Path:
-    """An initialised Airflow metadata database (SQLite) for ``dag.test()``.
-
-    Made before any test runs: Airflow, once imported, keeps what it found at import
-    (a database without tables would stay unusable for connections).
-    """
+def _migrate_airflow_db() -> None:
     subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"],
-        check=True,
-        capture_output=True,
-        env=os.environ.copy(),
+        [sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=os.environ.copy()
     )
+
+
+# The metadata database is made before any test module is collected: Airflow, once
+# imported (some test modules import it at the top), keeps what it found at import, and
+# a database without tables would stay unusable for connections.
+_migrate_airflow_db()
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """The Airflow home of this test session, with an initialised SQLite metadata database."""
     return _AIRFLOW_HOME
 
 
