@@ -3,7 +3,7 @@
 1. provisions a project with three sites (``flare_provider.poc``), each with a skewed
    share of the digits data, and starts their agents on loopback (mutual TLS);
 2. starts Airflow (api-server, scheduler, dag-processor, triggerer) with its own home in
-   the work folder: SQLite, LocalExecutor, the repository's ``dags/`` and ``plugins/``,
+   the work folder: SQLite, LocalExecutor, the repository's ``dags/``, the Federation page from the installed package,
    snapshots on local disk and a fixed login;
 3. imports the server kit as the ``flare_demo`` connection and triggers
    ``train_federation`` through Airflow's REST API;
@@ -149,7 +149,7 @@ def airflow_env(settings: Settings, port: int, conn_id: str) -> dict[str, str]:
     env.update(
         AIRFLOW_HOME=str(home),
         AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
-        AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"),  # the Federation page
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(home / "plugins"),  # the page comes from the package's entry point
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__CORE__EXECUTOR="LocalExecutor",
         AIRFLOW__CORE__PARALLELISM="8",  # LocalExecutor forks this many workers up front; a demo needs few

@@ -278,8 +278,17 @@ class FederatedRun:
         while not info.terminal and time.time() < deadline:
             for info in client.watch_task(task_id, timeout=min(30.0, max(0.1, deadline - time.time())), after_seq=info.seq):
                 pass
+        if not info.terminal:
+            # Nobody waits for it any more: free the site's worker, as for a straggler.
+            try:
+                client.abort(task_id)
+            except AgentError as exc:
+                self.log.warning("Could not abort task %s on site %s: %s", task_id, site, exc)
+            raise RoundFailed(
+                f"{kind} task on site {site!r} did not finish within train_timeout ({self.spec.train_timeout:g}s); aborted"
+            )
         if info.status != "succeeded":
-            raise RoundFailed(f"{kind} task on site {site!r} ended {info.status}: {info.error or 'timed out'}")
+            raise RoundFailed(f"{kind} task on site {site!r} ended {info.status}: {info.error or 'no error given'}")
         return info
 
     # ---- a round ----------------------------------------------------------------------
@@ -296,6 +305,18 @@ class FederatedRun:
         flight = InFlight(number, {s: spec.task_id(number, s) for s in spec.sites}, now, now + spec.train_timeout)
 
         def submit(site: str) -> tuple[TaskInfo, bool]:
+            # A succeeded task whose result the site handed over already belongs to a commit
+            # of this round that is no longer usable (a corrupted snapshot): train again
+            # under the next derived id, which a retried worker derives as well.
+            for attempt in range(1, 100):
+                info, created = submit_once(site)
+                if created or info.status != "succeeded" or info.result_available:
+                    return info, created
+                self.log.warning("Round %d: site %s handed over task %s already; training again", number, site, info.task_id)
+                flight.task_ids[site] = spec.task_id(number, site, f"retrain{attempt}")
+            raise RoundFailed(f"round {number}: site {site!r} was asked to train again too many times")
+
+        def submit_once(site: str) -> tuple[TaskInfo, bool]:
             # A site that just restarted, or a blip in the network, gets a few seconds.
             deadline = time.monotonic() + self.connect_grace
             while True:

@@ -144,9 +144,15 @@ class SnapshotStore:
         folder = self._round_key(federation, run, round_number)
         state_bytes = _state_json(state)
         if self.backend.get_bytes(f"{folder}/{COMMIT_FILE}") is not None:
-            raise SnapshotError(
-                f"{self.backend.uri(folder)} is committed already; a committed round is never rewritten"
-            )
+            try:
+                self.get_round(federation, run, round_number)
+            except SnapshotCorrupted as exc:
+                # Readers skip it already; the new commit marker, written last, replaces it.
+                log.warning("replacing a committed round that does not verify: %s", exc)
+            else:
+                raise SnapshotError(
+                    f"{self.backend.uri(folder)} is committed already; a committed round is never rewritten"
+                )
         with self._staging() as staging:
             files = {MODEL_FILE: self._model_file(weights_or_file, staging)}
             if state_tensors:
