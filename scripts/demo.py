@@ -184,6 +184,9 @@ class Components:
         self.env = env
         self.logs = logs
         self.procs: dict[str, subprocess.Popen] = {}
+        # Run from Airflow's home, not the repository root, whose *.egg-info would list the
+        # package's plugin entry point a second time.
+        self.cwd = env["AIRFLOW_HOME"]
 
     def log_path(self, name: str) -> Path:
         return self.logs / f"{name}.log"
@@ -194,7 +197,7 @@ class Components:
             try:
                 code = subprocess.run(
                     [sys.executable, "-m", "airflow", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, timeout=timeout, start_new_session=True,
+                    stdin=subprocess.DEVNULL, timeout=timeout, start_new_session=True, cwd=self.cwd,
                 ).returncode
             except subprocess.TimeoutExpired:
                 raise DemoError(f"airflow {args[0]} did not finish in {timeout:.0f} s; see {self.log_path(name)}") from None
@@ -206,7 +209,7 @@ class Components:
         with open(self.log_path(name), "ab") as log:
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "airflow", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.cwd,
             )
 
     def check(self) -> None:

@@ -92,6 +92,8 @@ def server(airflow_home, request) -> Server:
             [sys.executable, "-m", "airflow", "api-server", "-H", "127.0.0.1", "-p", str(port), "-w", "1"],
             env=airflow_home.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # its workers go with it when it is stopped
+            # Not the repository root: its *.egg-info would list the package's plugin entry point twice.
+            cwd=airflow_home.path,
         )
     server = Server(f"http://127.0.0.1:{port}", airflow_home, process, log_path)
     try:
