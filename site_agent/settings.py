@@ -7,6 +7,7 @@ site's decisions, not the federation's.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from flare_provider.provisioning.kits import LOCAL, SITE_SETTINGS
 from .errors import SettingsError
 
 _REQUIRED = ("data_dir", "work_dir")
-_KNOWN = {"data_dir", "work_dir", "gpus", "allow_custom_code", "max_concurrent_cpu_tasks"}
+_KNOWN = {"data_dir", "work_dir", "gpus", "allow_custom_code", "max_concurrent_cpu_tasks", "preload_modules"}
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class SiteSettings:
     gpus: tuple[int, ...]  # GPU ids this agent may use; () = CPU only
     allow_custom_code: bool  # BYOC opt-in, off by default
     max_concurrent_cpu_tasks: int = 2
+    # imported once by the worker launcher, so that tasks do not import them each time
+    preload_modules: tuple[str, ...] = ("torch",)
 
 
 def site_settings_path(kit_dir: Path) -> Path:
@@ -70,6 +74,7 @@ def parse_site_settings(doc: Any, base_dir: Path, source: str = "site.yaml") -> 
         gpus=_gpus(doc.get("gpus"), source),
         allow_custom_code=_bool(doc.get("allow_custom_code", False), "allow_custom_code", source),
         max_concurrent_cpu_tasks=_positive_int(doc.get("max_concurrent_cpu_tasks", 2), "max_concurrent_cpu_tasks", source),
+        preload_modules=_modules(doc.get("preload_modules", list(SiteSettings.preload_modules)), source),
     )
 
 
@@ -89,6 +94,14 @@ def _gpus(value: Any, source: str) -> tuple[int, ...]:
         raise SettingsError(f"{source}: 'gpus' must hold non-negative integer GPU ids, found {value!r}")
     if len(set(value)) != len(value):
         raise SettingsError(f"{source}: 'gpus' lists a GPU more than once: {value!r}")
+    return tuple(value)
+
+
+def _modules(value: Any, source: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(m, str) and _MODULE_NAME.match(m) for m in value):
+        raise SettingsError(f"{source}: 'preload_modules' must be a list of module names such as [torch], found {value!r}")
     return tuple(value)
 
 

@@ -2,8 +2,8 @@
 
 The :class:`TaskManager` keeps one folder per task under ``<work_dir>/tasks`` (see
 :mod:`site_agent.task_store`), queues tasks until their GPUs (or a CPU slot) are free,
-starts ``python -m site_agent.worker`` for each in its own process group, follows its
-progress over a pipe, and records the outcome. Results stay on disk until the server
+runs each in a worker process of its own (forked by :mod:`site_agent.launcher`, in its
+own process group), follows its progress over a pipe, and records the outcome. Results stay on disk until the server
 acknowledges them, across agent restarts.
 """
 
@@ -17,8 +17,6 @@ import re
 import select
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,6 +32,7 @@ from .errors import (
     UnknownTaskError,
 )
 from .gpus import GpuPool
+from .launcher import LauncherError, WorkerLauncher
 from .settings import SiteSettings
 from .task_store import (
     STAGING_PREFIX,
@@ -100,7 +99,6 @@ class _Task:
     paths: TaskPaths
     num_gpus: int
     pid: int | None = None
-    proc: subprocess.Popen | None = None
     reaped: bool = True  # no live (or zombie) worker we could signal
     stop_reason: str | None = None  # set when the agent itself ends the worker
     reported_error: str | None = None
@@ -120,6 +118,8 @@ class TaskManager:
         self._queue: list[_Task] = []
         self._gpus = GpuPool(settings.gpus)
         self._running_cpu = 0
+        # CPU-only settings: nothing the launcher preloads may touch a GPU before the fork.
+        self._launcher = WorkerLauncher(self._worker_env([]), Path(settings.work_dir), settings.preload_modules)
         self._started = False
         self._closed = False
 
@@ -168,6 +168,7 @@ class TaskManager:
         for task in running:
             if task.monitor is not None:
                 task.monitor.join(10)
+        self._launcher.close()
 
     @property
     def incoming_dir(self) -> Path:
@@ -433,29 +434,24 @@ class TaskManager:
         except (UnknownAppError, OSError) as exc:
             self._launch_failed(task, f"cannot prepare the task: {exc}")
             return
-        command = [
-            sys.executable, "-m", "site_agent.worker", str(task.paths.dir),
-            "--progress-fd", str(write_fd), "--parent-pid", str(os.getpid()),
-        ]
         try:
             with open(task.paths.log, "ab") as log_file:
-                proc = subprocess.Popen(
-                    command, cwd=task.paths.scratch, env=self._worker_env(gpus), stdin=subprocess.DEVNULL,
-                    stdout=log_file, stderr=subprocess.STDOUT, pass_fds=(write_fd,), start_new_session=True,
+                pid = self._launcher.start_worker(
+                    task.paths.dir, task.paths.scratch, self._worker_env(gpus), log_file.fileno(), write_fd
                 )
-        except OSError as exc:
+        except (LauncherError, OSError) as exc:
             os.close(read_fd)
             self._launch_failed(task, f"cannot start the worker process: {exc}")
             return
         finally:
             os.close(write_fd)
-        task.proc, task.pid, task.reaped = proc, proc.pid, False
+        task.pid, task.reaped = pid, False
         self._change(task, durable=True, status="running", started_at=time.time(), gpus=gpus)
         task.monitor = threading.Thread(
-            target=self._monitor, args=(task, proc, read_fd), name=f"task-{task.spec.task_id}", daemon=True
+            target=self._monitor, args=(task, pid, read_fd), name=f"task-{task.spec.task_id}", daemon=True
         )
         task.monitor.start()
-        log.info("task %s running in process %d on %s", task.spec.task_id, proc.pid, f"GPU {gpus}" if gpus else "CPU")
+        log.info("task %s running in process %d on %s", task.spec.task_id, pid, f"GPU {gpus}" if gpus else "CPU")
 
     def _launch_failed(self, task: _Task, error: str) -> None:
         self._release(task)
@@ -504,7 +500,7 @@ class TaskManager:
 
     # ---- following a worker (its own thread) ------------------------------------
 
-    def _monitor(self, task: _Task, proc: subprocess.Popen, fd: int) -> None:
+    def _monitor(self, task: _Task, pid: int, fd: int) -> None:
         buffer = b""
         exited_at = None
         try:
@@ -519,7 +515,7 @@ class TaskManager:
                         self._on_message(task, line)
                     if len(buffer) > 1 << 20:  # not our protocol; drop rather than grow
                         buffer = b""
-                elif _has_exited(proc.pid):
+                elif self._launcher.has_exited(pid):
                     if exited_at is None:
                         exited_at = time.monotonic()
                         with self._cond:
@@ -528,15 +524,12 @@ class TaskManager:
                         break
         finally:
             os.close(fd)
-            try:
-                os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped
-            except ChildProcessError:
-                pass
+            returncode = self._launcher.wait(pid)  # exited, not yet reaped
             with self._cond:
                 self._signal(task, signal.SIGKILL)  # whatever is left in its process group
-                proc.wait()
+                self._launcher.reap(pid)
                 task.reaped = True
-                self._finish(task, proc.returncode)
+                self._finish(task, returncode)
 
     def _on_message(self, task: _Task, line: bytes) -> None:
         try:
@@ -578,14 +571,6 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _has_exited(pid: int) -> bool:
-    """Whether our child ``pid`` has ended, without reaping it."""
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
-
-
 def _describe_exit(returncode: int) -> str:
     if returncode < 0:
         name = signal.Signals(-returncode).name
@@ -596,14 +581,25 @@ def _describe_exit(returncode: int) -> str:
 
 def _kill_leftover_worker(pid: int | None, task_dir: Path) -> None:
     """End a worker that outlived the agent before it, if that process is really ours."""
-    if not pid:
-        return
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return  # gone (or no /proc): nothing to end
-    if b"site_agent.worker" in cmdline and str(task_dir).encode() in cmdline:
+    if pid and pid in worker_processes(task_dir):
         try:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def worker_processes(task_dir: Path) -> list[int]:
+    """The live processes working in a task's folder (its worker and their children), from /proc."""
+    task_dir = Path(task_dir).resolve()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # gone, or not ours to look at
+        if state != "Z" and cwd.is_relative_to(task_dir):
+            found.append(int(entry.name))
+    return found

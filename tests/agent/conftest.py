@@ -12,10 +12,8 @@ Test modules reach everything through fixtures (``federation``, ``agent``,
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +22,12 @@ import pytest
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # keep the handshake failures we provoke out of the output
 
-from flare_provider.client import AgentClient, AgentError, load_caller_kit
+from flare_provider import poc
+from flare_provider.client import AgentClient, load_caller_kit
 from flare_provider.provisioning import load_project, provision
 from flare_provider.wire.bundles import build_bundle
 from site_agent.audit import AUDIT_FILE, read_audit_log
+from site_agent.tasks import worker_processes
 
 SERVER = "fl-server"
 SITES = {"site-1": "org_a", "site-2": "org_b"}
@@ -38,8 +38,8 @@ ADMINS = {  # name: (org, role)
     "viewer@org_a": ("org_a", "member"),
 }
 EXAMPLE_APPS = Path(__file__).resolve().parents[2] / "examples" / "apps"
-START_TIMEOUT = 60.0  # seconds for an agent to answer after it was started
-STOP_TIMEOUT = 30.0
+START_TIMEOUT = poc.START_TIMEOUT  # seconds for an agent to answer after it was started
+STOP_TIMEOUT = poc.STOP_TIMEOUT
 
 
 def free_port() -> int:
@@ -109,51 +109,16 @@ def provision_federation(root: Path, name: str) -> Federation:
     return Federation(name, root / "workspace", dict(result.kits), ports)
 
 
-class AgentProcess:
-    """A ``flare-agent start`` child process for one site's kit."""
+class AgentProcess(poc.AgentProcess):
+    """A ``flare-agent start`` child process for one site's kit, with what the tests look at."""
 
     def __init__(self, federation: Federation, site: str, extra_args: tuple[str, ...] = ()):
+        super().__init__(federation.kits[site], site, federation.ports[site], federation.server_kit, extra_args)
         self.federation = federation
-        self.site = site
-        self.kit = federation.kits[site]
-        self.port = federation.ports[site]
-        self.extra_args = extra_args
-        self.log_path = self.kit / "agent.log"
-        self.proc: subprocess.Popen | None = None
 
     @property
     def work_dir(self) -> Path:
         return self.kit / "work"
-
-    def command(self) -> list[str]:
-        return [
-            sys.executable, "-m", "site_agent.cli", "start", "--kit", str(self.kit),
-            "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args,
-        ]
-
-    def start(self) -> "AgentProcess":
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.wait_ready()
-        return self
-
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        with self.federation.client(self.site, timeout=2.0) as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"agent of {self.site} exited with {self.proc.returncode}:\n{self.log_tail()}")
-                try:
-                    client.status()
-                    return
-                except AgentError:
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"agent of {self.site} did not answer in {timeout} s:\n{self.log_tail()}") from None
-                    time.sleep(0.2)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int:
         try:
@@ -163,31 +128,12 @@ class AgentProcess:
             self.proc.wait(10)
             raise AssertionError(f"agent of {self.site} did not exit in {timeout} s:\n{self.log_tail()}") from None
 
-    def stop(self) -> int:
-        """SIGTERM and wait: the clean way."""
-        if not self.alive:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        return self.wait_exit()
-
-    def kill(self) -> None:
-        """SIGKILL: the agent dies without any clean-up."""
-        if self.alive:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(STOP_TIMEOUT)
-
     def restart(self) -> "AgentProcess":
         self.stop()
         return self.start()
 
     def ensure_running(self) -> "AgentProcess":
         return self if self.alive else self.start()
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
     def audit_entries(self) -> list[dict]:
         return read_audit_log(self.work_dir / AUDIT_FILE)
@@ -196,19 +142,8 @@ class AgentProcess:
         return self.work_dir / "tasks" / task_id
 
     def worker_pids(self, task_id: str) -> list[int]:
-        """Processes running ``site_agent.worker`` for a task of this agent (read from /proc)."""
-        task_dir = str(self.task_dir(task_id)).encode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"site_agent.worker" in args and task_dir in args:
-                found.append(int(entry.name))
-        return found
+        """The live processes of a task's worker (read from /proc)."""
+        return worker_processes(self.task_dir(task_id))
 
 
 def _wait_until(condition, timeout: float, what: str, interval: float = 0.1):

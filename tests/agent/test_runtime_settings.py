@@ -24,6 +24,7 @@ def test_settings_of_provisioned_kits(fed):
     assert settings.gpus == (0, 1)  # from the site's resource manager in project.yml
     assert settings.allow_custom_code is True  # enable_byoc: true
     assert settings.max_concurrent_cpu_tasks == 2
+    assert settings.preload_modules == ("torch",)
     other = load_site_settings(fed.kits[OTHER_SITE])
     assert (other.gpus, other.allow_custom_code) == ((), False)
 
@@ -32,11 +33,13 @@ def test_site_edits_are_honoured(fed, tmp_path):
     kit = shutil.copytree(fed.kits[OTHER_SITE], tmp_path / "kit")
     site_settings_path(kit).write_text(
         "data_dir: /srv/data\nwork_dir: ../agent-work\ngpus: [3]\nallow_custom_code: true\nmax_concurrent_cpu_tasks: 4\n"
+        "preload_modules: [torch, torchvision.models]\n"
     )
     settings = load_site_settings(kit)
     assert str(settings.data_dir) == "/srv/data"
     assert settings.work_dir == (tmp_path / "agent-work").resolve()
     assert (settings.gpus, settings.allow_custom_code, settings.max_concurrent_cpu_tasks) == ((3,), True, 4)
+    assert settings.preload_modules == ("torch", "torchvision.models")
 
 
 @pytest.mark.parametrize(
@@ -50,6 +53,8 @@ def test_site_edits_are_honoured(fed, tmp_path):
         ("data_dir: d\nwork_dir: w\ngpus: [1, 1]\n", "lists a GPU more than once"),
         ("data_dir: d\nwork_dir: w\nallow_custom_code: 'yes'\n", "'allow_custom_code' must be true or false"),
         ("data_dir: d\nwork_dir: w\nmax_concurrent_cpu_tasks: 0\n", "'max_concurrent_cpu_tasks' must be"),
+        ("data_dir: d\nwork_dir: w\npreload_modules: torch\n", "'preload_modules' must be a list of module names"),
+        ("data_dir: d\nwork_dir: w\npreload_modules: ['os; rm']\n", "'preload_modules' must be a list of module names"),
         ("data_dir: d\nwork_dir: w\nallow_custom_cod: true\n", r"unknown setting\(s\) \['allow_custom_cod'\]"),
     ],
 )

@@ -247,5 +247,5 @@ def test_a_second_agent_on_the_same_work_folder_is_refused(federation, agent):
 
 def test_agent_process_helper_reports_a_failed_start(make_agent):
     """The fixture's own wait must fail at once, not hang, when an agent cannot start."""
-    with pytest.raises(AssertionError, match="exited with 2"):
+    with pytest.raises(RuntimeError, match="exited with 2"):
         make_agent("site-2", "--max-weights-bytes", "lots").start()
