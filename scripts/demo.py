@@ -407,7 +407,7 @@ class RoundWatcher:
 
         done = {r["round"] for r in self.seen}
         for number in self.store.list_rounds(DAG_ID, self.run_id):
-            if number in done:
+            if number in done or number == 0:  # round 0 is the initial model: no training yet
                 continue
             snapshot = self.store.get_round(DAG_ID, self.run_id, number)
             record = snapshot.state["history"][-1]

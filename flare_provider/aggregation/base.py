@@ -8,6 +8,7 @@ lives across rounds and is saved with ``state()`` / restored with ``load_state()
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import weakref
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..wire.tensors import TensorFile
 from .spec import ModelSpec
 from .validation import UpdateRejected, open_update, validate_update
 
@@ -85,7 +87,8 @@ class Aggregator(ABC):
         self._max_update_bytes = max_update_bytes
         self._status: RoundStatus | None = None
         self._spec: ModelSpec | None = None
-        self._global: dict[str, np.ndarray] = {}
+        self._global: Mapping[str, np.ndarray] = {}
+        self._may_move = False
         self._spill_dir: Path | None = None
         self._spill_cleanup: weakref.finalize | None = None
         #: the status of the last finished round
@@ -134,7 +137,9 @@ class Aggregator(ABC):
     ) -> None:
         """Start a round from ``global_weights`` that ``expected_sites`` will report to.
 
-        An unfinished earlier round is discarded.
+        ``global_weights`` may be a :class:`~flare_provider.wire.tensors.TensorFile`: the
+        round then reads the global model from that file when it needs it, tensor by
+        tensor, instead of holding it in memory. An unfinished earlier round is discarded.
         """
         if self._status is not None:
             self.abort()
@@ -146,7 +151,8 @@ class Aggregator(ABC):
         if len(set(sites)) != len(sites):
             raise ValueError(f"expected_sites names a site twice: {sorted(sites)}")
         self._spec = ModelSpec.of(global_weights)
-        self._global = dict(global_weights)
+        # A file-backed model is immutable already; a dict is copied so the caller may change theirs.
+        self._global = global_weights if isinstance(global_weights, TensorFile) else dict(global_weights)
         self._status = RoundStatus(round_number, tuple(sorted(sites)))
         try:
             self._start_round()
@@ -154,13 +160,17 @@ class Aggregator(ABC):
             self._end_round()
             raise
 
-    def add(self, site: str, update_path: str | Path, num_samples: int, kind: str = "weights") -> None:
+    def add(
+        self, site: str, update_path: str | Path, num_samples: int, kind: str = "weights", *, move: bool = False
+    ) -> None:
         """Validate ``site``'s update (a safetensors file) and fold it into the round.
 
         ``kind`` is ``"weights"`` (the site's full weights) or ``"diff"`` (its weights minus
         the global weights it started from); ``num_samples`` weighs it. Raises
         :class:`UpdateRejected` for a bad update, an unexpected site or a second report;
-        the round goes on. The file is not needed after this returns.
+        the round goes on. The file is not needed after this returns. ``move=True`` hands
+        the file over: an update that must wait for its turn is then moved into the spill
+        folder rather than copied (the file may be gone afterwards).
         """
         status = self._require_round()
         if site not in status.expected:
@@ -171,11 +181,14 @@ class Aggregator(ABC):
             if kind not in UPDATE_KINDS:
                 raise UpdateRejected(site, f"kind {kind!r} is not one of {', '.join(UPDATE_KINDS)}")
             count = _sample_count(site, num_samples)
+            self._may_move = move
             self._accept(site, Path(update_path), count, kind)
         except UpdateRejected as exc:
             status.rejected[site] = str(exc)
             self._on_rejected(site)
             raise
+        finally:
+            self._may_move = False
         status.accepted[site] = count
 
     def finish(self) -> dict[str, np.ndarray]:
@@ -234,7 +247,8 @@ class Aggregator(ABC):
         """Copy an update into this round's spill folder and validate the copy.
 
         The copy is what gets aggregated later, so a caller deleting or rewriting its own
-        file afterwards changes nothing.
+        file afterwards changes nothing. A file handed over with ``add(..., move=True)`` is
+        renamed instead when it is on the same file system: no bytes are copied.
         """
         if self._spill_dir is None:
             if self._spill_root is not None:
@@ -246,7 +260,8 @@ class Aggregator(ABC):
         # Sites are named by their position: site names are not necessarily safe file names.
         copy = self._spill_dir / f"site-{self._status.expected.index(site):05d}.safetensors"
         try:
-            shutil.copyfile(update_path, copy)
+            if not (self._may_move and _rename(update_path, copy)):
+                shutil.copyfile(update_path, copy)
         except OSError as exc:
             copy.unlink(missing_ok=True)
             raise UpdateRejected(site, f"cannot read the update file: {exc.strerror or exc}") from None
@@ -257,21 +272,42 @@ class Aggregator(ABC):
             raise
         return copy
 
-    def _open(self, site: str, path: Path):
+    def _open(self, site: str, path: Path) -> TensorFile:
+        """An update file for reading tensor by tensor (``read(name, rows)``, ``blocks(name)``)."""
         return open_update(path, site)
 
-    def _delta(self, tensors, name: str, kind: str, rows: slice | None = None) -> np.ndarray:
-        """One tensor (or a block of its rows) of an update as float64 change from the global model."""
-        if rows is None:
-            values = tensors.get_tensor(name)
-            base = self._global[name]
-        else:
-            values = tensors.get_slice(name)[rows]
-            base = self._global[name][rows]
-        delta = values.astype(np.float64)
+    def _delta(
+        self, tensors: TensorFile, name: str, kind: str, rows: slice | None = None, base: np.ndarray | None = None
+    ) -> np.ndarray:
+        """One tensor (or a block of its rows) of an update as float64 change from the global model.
+
+        ``base`` is the global tensor (or those rows of it), when the caller has it at hand
+        already: the global model may live in a file, and reading it again costs a pass.
+        """
+        values = tensors.read(name, rows)
+        delta = np.empty(values.shape, np.float64)
         if kind == "weights":
-            np.subtract(delta, base, out=delta)
+            if base is None:
+                base = self._global[name] if rows is None else self._global_rows(name, rows)
+            np.subtract(values, base, out=delta, dtype=np.float64)  # one pass, straight into float64
+        else:
+            np.copyto(delta, values)
         return delta
+
+    def _global_rows(self, name: str, rows: slice) -> np.ndarray:
+        """Rows of a global tensor; only those are read when the global model is a file."""
+        if isinstance(self._global, TensorFile):
+            return self._global.read(name, rows)
+        return self._global[name][rows]
+
+
+def _rename(source: Path, target: Path) -> bool:
+    """Move ``source`` to ``target`` if both are on one file system; False if that needs a copy."""
+    try:
+        os.replace(source, target)
+        return True
+    except OSError:
+        return False
 
 
 def _sample_count(site: str, num_samples: Any) -> int:

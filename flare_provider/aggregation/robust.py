@@ -2,7 +2,7 @@
 
 These need every site's value of a coordinate at once, so each accepted update is
 spilled to a file on disk and the result is computed at ``finish()`` one block of rows of
-one tensor at a time, read from the memory-mapped update files. Memory stays at
+one tensor at a time, read from the update files. Memory stays at
 O(model + sites x block): the block is sized to ``block_bytes`` (64 MiB by default) and
 holds at least one row of a tensor, so the worst case is O(model + sites x largest row),
 within O(model + sites x largest tensor).
@@ -59,7 +59,7 @@ class CoordinateWiseAggregator(Aggregator):
         spec = self._spec[name]
         base = self._global[name]
         if not spec.shape:  # a scalar
-            block = np.stack([self._delta(tensors, name, kind) for tensors, kind in updates])
+            block = np.stack([self._delta(tensors, name, kind, base=base) for tensors, kind in updates])
             return to_model_dtype(base + self._combine(block), spec.dtype)
         rows = spec.shape[0]
         row_elements = int(np.prod(spec.shape[1:], dtype=np.int64))
@@ -67,8 +67,9 @@ class CoordinateWiseAggregator(Aggregator):
         result = np.empty(spec.shape, spec.dtype)
         for start in range(0, rows, step):
             part = slice(start, min(rows, start + step))
-            block = np.stack([self._delta(tensors, name, kind, rows=part) for tensors, kind in updates])
-            result[part] = to_model_dtype(base[part] + self._combine(block), spec.dtype)
+            here = base[part]
+            block = np.stack([self._delta(tensors, name, kind, rows=part, base=here) for tensors, kind in updates])
+            result[part] = to_model_dtype(here + self._combine(block), spec.dtype)
         return result
 
 

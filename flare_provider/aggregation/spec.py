@@ -11,22 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# safetensors dtype codes that numpy can hold. BF16 and FP8 have no numpy dtype, so a
-# model in those types cannot be aggregated here; trainers send float32 or float16.
-SAFETENSORS_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U64": np.dtype(np.uint64),
-    "U32": np.dtype(np.uint32),
-    "U16": np.dtype(np.uint16),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
+from ..wire.tensors import SAFETENSORS_DTYPES, TensorFile
 
 # Room for the safetensors header (names, shapes, offsets, metadata) on top of the data.
 HEADER_ALLOWANCE_BYTES = 1 << 20
@@ -54,8 +39,16 @@ class ModelSpec(Mapping[str, TensorSpec]):
 
     @classmethod
     def of(cls, weights: Mapping[str, np.ndarray]) -> ModelSpec:
-        """The spec of in-memory weights; refuses dtypes an update could not be stored in."""
-        specs = {}
+        """The spec of weights (in memory, or a :class:`TensorFile` read from its header only);
+        refuses dtypes an update could not be stored in."""
+        if isinstance(weights, TensorFile):
+            for name, stored in weights.layout.items():
+                if stored.dtype not in SAFETENSORS_DTYPES:
+                    raise ValueError(f"tensor {name!r} has dtype {stored.dtype}, which cannot be aggregated here")
+            specs = {n: TensorSpec(s.shape, SAFETENSORS_DTYPES[s.dtype]) for n, s in weights.layout.items()}
+            weights = {}
+        else:
+            specs = {}
         for name, array in weights.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"tensor names must be non-empty strings, got {name!r}")

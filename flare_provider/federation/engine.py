@@ -32,7 +32,7 @@ import numpy as np
 from ..aggregation import UpdateRejected, make_aggregator
 from ..client import AgentClient, AgentError, CallerKit, TaskInfo
 from ..snapshots import SnapshotStore
-from ..wire.tensors import RESULT_KIND_KEY, TensorFormatError, describe_file, load_file, save_file
+from ..wire.tensors import RESULT_KIND_KEY, TensorFile, TensorFormatError, describe_file, load_file, save_file
 from .gather import GatherPolicy
 
 log = logging.getLogger(__name__)
@@ -107,10 +107,15 @@ class RunSpec:
 
 @dataclass
 class Progress:
-    """Where a run stands: the last committed round and the global model after it."""
+    """Where a run stands: the last committed round and the global model after it.
+
+    ``weights`` is a mapping of name -> array; once a round is scattered it is a
+    :class:`~flare_provider.wire.tensors.TensorFile` that reads each tensor from the
+    engine's copy on disk, so the model is not held in memory while the sites train.
+    """
 
     round: int
-    weights: dict[str, np.ndarray]
+    weights: Mapping[str, np.ndarray]
     history: list[dict[str, Any]]
     snapshot_uri: str | None = None
 
@@ -219,11 +224,15 @@ class FederatedRun:
     def restore(self) -> Progress:
         """The newest committed round of this run, or round 0 with the initial model."""
         spec = self.spec
-        snapshot = self.store.latest(spec.federation, spec.run_id)
-        if snapshot is None:
+        restored = self.store.restore(spec.federation, spec.run_id)  # a damaged round gives way to the one before
+        if restored is None:
             weights = self._initial_weights()
+            # Round 0 is the initial model, committed: a retry, or a deferrable run coming back
+            # from the triggerer, starts from these very weights instead of asking for new ones.
+            uri = self._commit(0, weights, [], {})
             self.log.info("Starting %s run %s at round 1 (model of %d tensors)", spec.federation, spec.run_id, len(weights))
-            return Progress(0, weights, [], None)
+            return Progress(0, weights, [], uri)
+        snapshot, weights = restored
         state = snapshot.state
         if state.get("config_hash") != spec.config_hash:
             self.log.warning(
@@ -234,7 +243,7 @@ class FederatedRun:
             )
         self.aggregator.load_state(self.store.load_server_state(snapshot), state.get("aggregator", {}).get("meta", {}))
         self.log.info("Resuming %s run %s after committed round %d (%s)", spec.federation, spec.run_id, snapshot.round, snapshot.uri)
-        return Progress(snapshot.round, self.store.load_weights(snapshot), list(state.get("history", [])), snapshot.uri)
+        return Progress(snapshot.round, weights, list(state.get("history", [])), snapshot.uri)
 
     def _initial_weights(self) -> dict[str, np.ndarray]:
         source = self.initial_model
@@ -297,9 +306,8 @@ class FederatedRun:
         """Send the global weights to every site for round ``progress.round + 1``."""
         spec = self.spec
         number = progress.round + 1
+        weights_file = self._spool(progress, number)
         self.aggregator.begin_round(progress.weights, number, spec.sites)
-        weights_file = self._work / f"global-{number:04d}.safetensors"
-        save_file(progress.weights, weights_file)
         config = spec.trainer_config(number, self.aggregator.trainer_config())
         now = time.time()
         flight = InFlight(number, {s: spec.task_id(number, s) for s in spec.sites}, now, now + spec.train_timeout)
@@ -342,7 +350,7 @@ class FederatedRun:
             elif not outcome[1]:
                 flight.reattached.append(site)
                 self.log.info("Round %d: re-attached to task %s on site %s (%s)", number, outcome[0].task_id, site, outcome[0].status)
-        weights_file.unlink(missing_ok=True)
+        weights_file.unlink(missing_ok=True)  # progress.weights keeps it open: readable until dropped
         reached = len(spec.sites) - len(flight.dropped)
         if reached < spec.min_clients:
             self.abort(flight)
@@ -353,6 +361,19 @@ class FederatedRun:
         self.in_flight = flight
         self.log.info("Round %d/%d: scattered to %d sites", number, spec.num_rounds, reached)
         return flight
+
+    def _spool(self, progress: Progress, number: int) -> Path:
+        """Write the global model to the work folder and have ``progress`` read it from there.
+
+        From here on the round holds no copy of the model in memory: the aggregator reads
+        global tensors back from the file when it needs them (FedAvg only at the end, and
+        only if a site sent a difference). The file is written tensor by tensor; it is
+        scratch, so it is not fsynced.
+        """
+        path = self._work / f"global-{number:04d}.safetensors"
+        save_file(progress.weights, path, durable=False)
+        progress.weights = TensorFile(path)
+        return path
 
     def gather(self, flight: InFlight) -> dict[str, TaskInfo]:
         """Wait for the round's sites per the gather rule, aggregating results as they arrive."""
@@ -434,7 +455,8 @@ class FederatedRun:
         try:
             # The result file says whether it holds full weights or a difference.
             kind = _UPDATE_KIND.get(describe_file(path)[1].get(RESULT_KIND_KEY, "weights"), "unknown")
-            self.aggregator.add(site, path, info.num_samples, kind)
+            # The file is ours to give: an update that waits for its turn is moved, not copied.
+            self.aggregator.add(site, path, info.num_samples, kind, move=True)
             return True
         except (UpdateRejected, TensorFormatError) as exc:
             flight.dropped[site] = f"update rejected: {exc}"
@@ -445,6 +467,7 @@ class FederatedRun:
 
     def resume_round(self, progress: Progress, flight: InFlight) -> None:
         """Deferrable mode, back in a worker: take up the round the trigger watched."""
+        self._spool(progress, flight.round).unlink()  # progress.weights keeps it open
         self.aggregator.begin_round(progress.weights, flight.round, self.spec.sites)
         self.in_flight = flight
 
@@ -500,20 +523,7 @@ class FederatedRun:
         history = [*progress.history, record]
         uri = progress.snapshot_uri
         if flight.round % self.spec.snapshot_every == 0 or flight.round == self.spec.num_rounds:
-            tensors, meta = self.aggregator.state()
-            state = {
-                "federation": self.spec.federation,
-                "run": self.spec.run_id,
-                "round": flight.round,
-                "num_rounds": self.spec.num_rounds,
-                "app": {"name": self.spec.app_name, "version": self.spec.app_version},
-                "aggregator": {"name": self.spec.aggregator, "args": dict(self.spec.aggregator_args), "meta": meta},
-                "config_hash": self.spec.config_hash,
-                "task_ids": flight.task_ids,
-                "history": history,
-                **self.extra_state,
-            }
-            uri = self.store.commit_round(self.spec.federation, self.spec.run_id, flight.round, weights, state, state_tensors=tensors)
+            uri = self._commit(flight.round, weights, history, flight.task_ids)
         # Only now may the sites forget their results: the round is safe in the store.
         self._parallel(lambda s: self.client(s).acknowledge(flight.task_ids[s]), [s for s in infos if infos[s].result_available])
         self.in_flight = None
@@ -528,6 +538,24 @@ class FederatedRun:
             metrics,
         )
         return Progress(flight.round, weights, history, uri)
+
+    def _commit(self, number: int, weights: Mapping[str, np.ndarray], history: list, task_ids: Mapping[str, str]) -> str:
+        """Commit round ``number`` with the run's full state; returns its snapshot URI."""
+        tensors, meta = self.aggregator.state()
+        spec = self.spec
+        state = {
+            "federation": spec.federation,
+            "run": spec.run_id,
+            "round": number,
+            "num_rounds": spec.num_rounds,
+            "app": {"name": spec.app_name, "version": spec.app_version},
+            "aggregator": {"name": spec.aggregator, "args": dict(spec.aggregator_args), "meta": meta},
+            "config_hash": spec.config_hash,
+            "task_ids": dict(task_ids),
+            "history": history,
+            **self.extra_state,
+        }
+        return self.store.commit_round(spec.federation, spec.run_id, number, weights, state, state_tensors=tensors)
 
     def abort(self, flight: InFlight | None = None) -> None:
         """Stop the round's trainings at the sites (stragglers, or everything on kill)."""

@@ -56,9 +56,12 @@ class ScatterGatherOperator(BaseOperator):
     :param train_config: config every trainer gets each round (lr, epochs, ...);
         ``round_configs`` maps a round number to overrides for that round.
     :param num_gpus: GPUs per site task (default: 1 where a site has GPUs).
-    :param snapshot_every: commit every N rounds (the last round always).
+    :param snapshot_every: commit every N rounds (the last round always); must be 1 when
+        deferrable, since the snapshot carries the run from one deferral to the next.
     :param evaluate: after the last round, every site evaluates the final model.
     :param deferrable: wait for the sites in the triggerer, freeing the worker slot.
+    :param connect_grace: seconds a site may be unreachable when a round's task is sent to
+        it (an agent restarting, a network blip) before it is dropped from that round.
     :param flare_conn_id: the federation's ``flare`` connection (the server kit).
 
     Returns (to XCom): the snapshot URI, rounds done and the final metrics. Never weights.
@@ -105,6 +108,7 @@ class ScatterGatherOperator(BaseOperator):
         evaluate: bool = True,
         deferrable: bool = False,
         poll_interval: float = 2.0,
+        connect_grace: float = 10.0,
         flare_conn_id: str = "flare_default",
         **kwargs: Any,
     ) -> None:
@@ -128,6 +132,7 @@ class ScatterGatherOperator(BaseOperator):
         self.evaluate = evaluate
         self.deferrable = deferrable
         self.poll_interval = poll_interval
+        self.connect_grace = connect_grace
         self.flare_conn_id = flare_conn_id
         self._run: FederatedRun | None = None
         self._check_arguments()
@@ -160,8 +165,13 @@ class ScatterGatherOperator(BaseOperator):
             problems.append(f"min_clients ({self.min_clients}) is more than the {len(self.sites)} sites given")
         if not isinstance(self.snapshot_every, int) or self.snapshot_every < 1:
             problems.append(f"snapshot_every must be a positive integer, got {self.snapshot_every!r}")
+        elif self.deferrable and self.snapshot_every != 1:
+            # Between deferrals the run lives only in the snapshot store.
+            problems.append(f"snapshot_every must be 1 with deferrable=True (every round is committed), got {self.snapshot_every}")
         if self.snapshot_uri and not _is_template(self.snapshot_uri) and not self.snapshot_uri.startswith(("s3://", "file://")):
             problems.append(f"snapshot_uri must be s3://bucket/prefix or file:///path, got {self.snapshot_uri!r}")
+        if isinstance(self.connect_grace, bool) or not isinstance(self.connect_grace, (int, float)) or self.connect_grace < 0:
+            problems.append(f"connect_grace must be a number of seconds >= 0, got {self.connect_grace!r}")
         if problems:
             raise ValueError(f"{type(self).__name__} {self.task_id!r}: " + "; ".join(problems))
 
@@ -213,6 +223,7 @@ class ScatterGatherOperator(BaseOperator):
         except (ValueError, AggregatorConfigError, FlareConnectionError) as exc:
             # Wrong arguments or connection: a retry cannot fix it, and no site was contacted.
             raise AirflowFailException(str(exc)) from exc
+        run.connect_grace = float(self.connect_grace)
         self._run = run
         return run
 

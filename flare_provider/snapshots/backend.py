@@ -16,8 +16,11 @@ class Backend(ABC):
         """The URI of ``key`` (the root without one)."""
 
     @abstractmethod
-    def put_file(self, key: str, path: Path) -> None:
-        """Store the local file ``path`` under ``key``, streaming it."""
+    def put_file(self, key: str, path: Path, sha256: str) -> str:
+        """Store the local file ``path`` (whose SHA-256 is ``sha256``) under ``key``, streaming it.
+
+        Returns the stored file's tag (see :meth:`stat`).
+        """
 
     @abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None:
@@ -28,12 +31,22 @@ class Backend(ABC):
         """A small object's content, or None if there is none."""
 
     @abstractmethod
-    def download(self, key: str, dest: Path) -> bool:
-        """Stream ``key`` into the local file ``dest``; False if there is no such object."""
+    def download(self, key: str, dest: Path) -> tuple[str, int] | None:
+        """Stream ``key`` into the local file ``dest``; the SHA-256 (hex) and size of what was
+        written, hashed on the way, or None if there is no such object."""
 
     @abstractmethod
     def digest(self, key: str) -> tuple[str, int] | None:
         """SHA-256 (hex) and size of ``key``'s content, streamed; None if there is none."""
+
+    @abstractmethod
+    def stat(self, key: str) -> tuple[int, str | None] | None:
+        """Size and tag of ``key`` without reading it; None if there is none.
+
+        The tag is what :meth:`put_file` returned for the file, for as long as nothing has
+        replaced or rewritten it since (None or another value otherwise), so a reader can
+        tell cheaply that a file is still the one that was committed.
+        """
 
     @abstractmethod
     def list_folders(self, prefix: str) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -31,12 +33,13 @@ class LocalBackend(Backend):
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*key.split("/")) if key else self.root
 
-    def put_file(self, key: str, path: Path) -> None:
+    def put_file(self, key: str, path: Path, sha256: str) -> str:
         target = self._path(key)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "rb") as src, atomic_file(target) as out:
                 shutil.copyfileobj(src, out, CHUNK_BYTES)
+            return _tag(target.stat())
         except OSError as exc:
             raise SnapshotError(f"{self.uri(key)}: cannot write: {exc.strerror or exc}") from None
 
@@ -57,14 +60,28 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise SnapshotError(f"{self.uri(key)}: cannot read: {exc.strerror or exc}") from None
 
-    def download(self, key: str, dest: Path) -> bool:
+    def download(self, key: str, dest: Path) -> tuple[str, int] | None:
+        digest, size = hashlib.sha256(), 0
         try:
-            shutil.copyfile(self._path(key), dest)
+            with open(self._path(key), "rb") as src, open(dest, "wb") as out:
+                while chunk := src.read(CHUNK_BYTES):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
         except FileNotFoundError:
-            return False
+            return None
         except OSError as exc:
             raise SnapshotError(f"{self.uri(key)}: cannot copy to {dest}: {exc.strerror or exc}") from None
-        return True
+        return digest.hexdigest(), size
+
+    def stat(self, key: str) -> tuple[int, str | None] | None:
+        try:
+            info = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SnapshotError(f"{self.uri(key)}: cannot read: {exc.strerror or exc}") from None
+        return info.st_size, _tag(info)
 
     def digest(self, key: str) -> tuple[str, int] | None:
         try:
@@ -96,3 +113,10 @@ class LocalBackend(Backend):
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
+
+
+def _tag(info: os.stat_result) -> str:
+    # A file replaced has a new inode; one rewritten in place a new modification and change
+    # time (which no one can set back). A copied store has new ones all over, so its rounds
+    # are checked by their SHA-256 instead: slower, never wrong.
+    return f"{info.st_ino}:{info.st_mtime_ns}:{info.st_ctime_ns}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+from ..files import file_digest
 from .backend import Backend
 from .errors import SnapshotError
 
@@ -45,6 +47,8 @@ _TRANSIENT_CODES = frozenset(
 )
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _MAX_DELAY_S = 30.0
+#: User metadata (``x-amz-meta-sha256``) holding the SHA-256 an object was uploaded with.
+SHA256_METADATA = "sha256"
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -172,12 +176,18 @@ class S3Backend(Backend):
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def put_file(self, key: str, path: Path) -> None:
+    def put_file(self, key: str, path: Path, sha256: str) -> str:
+        # The SHA-256 goes with the object as metadata, which is its tag: an object that
+        # anything else wrote or replaced lacks it, or carries another one.
+        extra = {"Metadata": {SHA256_METADATA: sha256}}
         self._call(
             "upload",
             key,
-            lambda: self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer_config),
+            lambda: self.client.upload_file(
+                str(path), self.bucket, self._key(key), ExtraArgs=extra, Config=self.transfer_config
+            ),
         )
+        return sha256
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call("write", key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
@@ -194,17 +204,32 @@ class S3Backend(Backend):
 
         return self._call("read", key, get)
 
-    def download(self, key: str, dest: Path) -> bool:
-        def fetch() -> bool:
-            try:
-                self.client.download_file(self.bucket, self._key(key), str(dest), Config=self.transfer_config)
-            except Exception as exc:
-                if _is_missing(exc):
-                    return False
-                raise
-            return True
+    def download(self, key: str, dest: Path) -> tuple[str, int] | None:
+        def fetch() -> tuple[str, int] | None:
+            with open(dest, "w+b") as f:  # read too: parts written out of order are hashed from it
+                out = _HashingFile(f)
+                try:
+                    self.client.download_fileobj(self.bucket, self._key(key), out, Config=self.transfer_config)
+                except Exception as exc:
+                    if _is_missing(exc):
+                        return None
+                    raise
+                hashed = out.result()
+            return hashed or file_digest(dest)
 
         return self._call("download", key, fetch)
+
+    def stat(self, key: str) -> tuple[int, str | None] | None:
+        def head() -> tuple[int, str | None] | None:
+            try:
+                response = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except Exception as exc:
+                if _is_missing(exc):
+                    return None
+                raise
+            return response["ContentLength"], response.get("Metadata", {}).get(SHA256_METADATA)
+
+        return self._call("read", key, head)
 
     def digest(self, key: str) -> tuple[str, int] | None:
         def stream() -> tuple[str, int] | None:
@@ -243,3 +268,60 @@ class S3Backend(Backend):
 
     def list_keys(self, prefix: str) -> list[str]:
         return sorted(self._list(prefix, delimiter=False)[1])
+
+
+class _HashingFile:
+    """A file for boto3 to download into that hashes the bytes as they are written.
+
+    A multipart download writes its parts concurrently, so out of order: a part written
+    ahead of the hashed prefix is hashed from the file (still in the page cache) once the
+    gap before it is filled. Anything written over bytes already hashed (boto3 retrying a
+    part) makes :meth:`result` None, and the caller hashes the finished file instead.
+    """
+
+    def __init__(self, f):
+        self._f = f
+        self._digest = hashlib.sha256()
+        self._hashed = 0  # bytes [0, _hashed) are in the digest
+        self._ahead: dict[int, int] = {}  # start -> end of ranges written beyond it
+        self._rewritten = False
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def write(self, data) -> int:
+        start = self._f.tell()
+        written = self._f.write(data)
+        if start < self._hashed:
+            self._rewritten = True
+        elif start == self._hashed:
+            self._digest.update(data)
+            self._hashed += written
+            self._catch_up()
+        else:
+            self._ahead[start] = max(self._ahead.get(start, 0), start + written)
+        return written
+
+    def _catch_up(self) -> None:
+        while (end := self._ahead.pop(self._hashed, None)) is not None:
+            self._f.flush()
+            fd = self._f.fileno()
+            while self._hashed < end:
+                chunk = os.pread(fd, min(1 << 20, end - self._hashed), self._hashed)
+                if not chunk:
+                    raise OSError(f"{self._f.name} is shorter than what was written to it")
+                self._digest.update(chunk)
+                self._hashed += len(chunk)
+
+    def result(self) -> tuple[str, int] | None:
+        """SHA-256 and size of the whole file, or None where it has to be hashed again."""
+        size = self._f.seek(0, os.SEEK_END)
+        if self._rewritten or self._ahead or self._hashed != size:
+            return None
+        return self._digest.hexdigest(), size

@@ -8,10 +8,17 @@ Layout, under ``file:///path`` or ``s3://bucket/prefix``::
     <root>/<federation>/<run>/round_00007/COMMIT                    written last
     <root>/<federation>/<run>/FINAL                                 the run's final round
 
-``COMMIT`` lists every other file of the round with its SHA-256 and size. A round is
-visible only once its ``COMMIT`` exists, so a worker dying mid-write leaves nothing a
-reader would take; a round whose files do not match ``COMMIT`` is skipped in favour of
-the previous one, with a warning naming it.
+``COMMIT`` lists every other file of the round with its SHA-256 and size, and for the
+tensor files the backend's tag (S3: the SHA-256 the object was uploaded with, as object
+metadata; file: inode and times). A round is visible only once its ``COMMIT`` exists, so
+a worker dying mid-write leaves nothing a reader would take; a round whose files do not
+match ``COMMIT`` is skipped in favour of the previous one, with a warning naming it.
+
+Reading a round checks the small files by their SHA-256 and the tensor files by size and
+tag, without downloading them; a tensor file whose tag changed (replaced, rewritten,
+copied, or committed before tags) is checked by its SHA-256 instead. A tensor file's
+SHA-256 is always checked as it is downloaded or loaded, so a model is fetched once and
+never taken unverified.
 """
 
 from __future__ import annotations
@@ -35,10 +42,11 @@ import numpy as np
 from ..files import file_digest
 from .backend import Backend
 from .errors import SnapshotCorrupted, SnapshotError
+from .hashed import write_hashed
 from .local import LocalBackend, path_from_file_uri
 from .naming import decode_name, encode_name, parse_round_folder, round_folder
 from .s3 import S3Backend, make_s3_client, parse_s3_uri
-from .tensors import load_tensors, write_tensors
+from .tensors import load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +60,7 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A committed round whose checksums verified when it was read."""
+    """A committed round whose files checked out when it was read (see the module's doc)."""
 
     federation: str
     run: str
@@ -154,18 +162,18 @@ class SnapshotStore:
                     f"{self.backend.uri(folder)} is committed already; a committed round is never rewritten"
                 )
         with self._staging() as staging:
+            # Weights are serialized and hashed in one pass; a file given is read once, to hash it.
             files = {MODEL_FILE: self._model_file(weights_or_file, staging)}
             if state_tensors:
-                files[SERVER_STATE_FILE] = write_tensors(state_tensors, staging / SERVER_STATE_FILE, "state tensors")
-            state_path = staging / STATE_FILE
-            state_path.write_bytes(state_bytes)
-            files[STATE_FILE] = state_path
+                path = staging / SERVER_STATE_FILE
+                files[SERVER_STATE_FILE] = path, write_hashed(state_tensors, path, "state tensors")
             manifest = {}
-            for name, path in files.items():
-                sha256, size = file_digest(path)
-                manifest[name] = {"sha256": sha256, "size": size}
-            for name, path in files.items():
-                self.backend.put_file(f"{folder}/{name}", path)
+            for name, (path, (sha256, size)) in files.items():
+                tag = self.backend.put_file(f"{folder}/{name}", path, sha256)
+                manifest[name] = {"sha256": sha256, "size": size, "tag": tag}
+        self.backend.put_bytes(f"{folder}/{STATE_FILE}", state_bytes)
+        sha256, size = _bytes_digest(state_bytes)
+        manifest[STATE_FILE] = {"sha256": sha256, "size": size}
         commit = {
             "format": FORMAT_VERSION,
             "federation": federation,
@@ -190,11 +198,11 @@ class SnapshotStore:
     # ---- reading ---------------------------------------------------------------------------
 
     def latest(self, federation: str, run: str) -> Snapshot | None:
-        """The newest committed round of ``run`` whose files verify, or None.
+        """The newest committed round of ``run`` whose files check out, or None.
 
-        A round that does not verify is skipped with a warning naming it. A store that
-        cannot be reached raises :class:`SnapshotError` instead: an older round is never
-        taken for lack of an answer.
+        A round that does not is skipped with a warning naming it. A store that cannot be
+        reached raises :class:`SnapshotError` instead: an older round is never taken for
+        lack of an answer. Cheap: no tensor file is downloaded (see :meth:`restore`).
         """
         for round_number in reversed(self.list_rounds(federation, run)):
             try:
@@ -203,9 +211,24 @@ class SnapshotStore:
                 log.warning("skipping snapshot: %s", exc)
         return None
 
+    def restore(self, federation: str, run: str) -> tuple[Snapshot, dict[str, np.ndarray]] | None:
+        """The newest committed round of ``run`` with its weights, or None.
+
+        As :meth:`latest`, and a round whose model fails its SHA-256 as it loads is skipped
+        too, in favour of the previous one: each model is downloaded once.
+        """
+        for round_number in reversed(self.list_rounds(federation, run)):
+            try:
+                snapshot = self.get_round(federation, run, round_number)
+                return snapshot, self.load_weights(snapshot)
+            except SnapshotCorrupted as exc:
+                log.warning("skipping snapshot: %s", exc)
+        return None
+
     def get_round(self, federation: str, run: str, round_number: int) -> Snapshot:
-        """A committed round, verified against its checksums; :class:`SnapshotCorrupted` if it is
-        not committed or does not verify."""
+        """A committed round whose state verifies against its checksum and whose tensor files
+        are there, unchanged (size and tag; else by checksum); :class:`SnapshotCorrupted` if it
+        is not committed or does not check out."""
         folder = self._round_key(federation, run, round_number)
         where = self.backend.uri(folder)
         raw = self.backend.get_bytes(f"{folder}/{COMMIT_FILE}")
@@ -218,7 +241,7 @@ class SnapshotStore:
         _check(where, STATE_FILE, files[STATE_FILE], _bytes_digest(state_raw))
         for name in sorted(files):
             if name != STATE_FILE:
-                _check(where, name, files[name], self.backend.digest(f"{folder}/{name}"))
+                self._check_unchanged(where, f"{folder}/{name}", name, files[name])
         try:
             state = json.loads(state_raw)
         except ValueError as exc:
@@ -226,7 +249,8 @@ class SnapshotStore:
         return Snapshot(federation, run, round_number, where, state, files, committed_at)
 
     def load_weights(self, snapshot: Snapshot) -> dict[str, np.ndarray]:
-        """The snapshot's global weights, checked against its checksum once more."""
+        """The snapshot's global weights, checked against their SHA-256 as they are fetched;
+        :class:`SnapshotCorrupted` if they do not match (see :meth:`restore`)."""
         with self._fetch(snapshot, MODEL_FILE) as path:
             return load_tensors(path, f"{snapshot.uri}/{MODEL_FILE}")
 
@@ -329,12 +353,27 @@ class SnapshotStore:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _model_file(self, weights_or_file, staging: Path) -> Path:
+    def _model_file(self, weights_or_file, staging: Path) -> tuple[Path, tuple[str, int]]:
+        """The model's file and its SHA-256 and size."""
         if isinstance(weights_or_file, Mapping):
-            return write_tensors(weights_or_file, staging / MODEL_FILE, "weights")
+            path = staging / MODEL_FILE
+            return path, write_hashed(weights_or_file, path, "weights")
         path = Path(weights_or_file)
         load_tensors(path, str(path), header_only=True)
-        return path
+        return path, file_digest(path)
+
+    def _check_unchanged(self, where: str, key: str, name: str, expected: Mapping[str, Any]) -> None:
+        """That a tensor file is the one committed, without reading it where its tag says so."""
+        stat = self.backend.stat(key)
+        if stat is None:
+            raise SnapshotCorrupted(f"{where}: {name} is missing")
+        size, tag = stat
+        if size != expected["size"]:
+            raise SnapshotCorrupted(f"{where}: {name} is {size} bytes, the commit says {expected['size']}")
+        if tag is None or tag != expected.get("tag"):
+            # Written or replaced by something else since, or committed before tags: only
+            # its content can tell.
+            _check(where, name, expected, self.backend.digest(key))
 
     @contextmanager
     def _fetch(self, snapshot: Snapshot, name: str) -> Iterator[Path]:
@@ -348,9 +387,7 @@ class SnapshotStore:
             return
         with self._staging() as staging:
             path = staging / name
-            if not self.backend.download(key, path):
-                raise SnapshotCorrupted(f"{snapshot.uri}: {name} is missing")
-            _check(snapshot.uri, name, expected, file_digest(path))
+            _check(snapshot.uri, name, expected, self.backend.download(key, path))  # hashed as it came
             yield path
 
 

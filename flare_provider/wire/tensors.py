@@ -3,23 +3,59 @@
 safetensors holds nothing but named arrays and a small string-to-string metadata map,
 so reading one can never run code (unlike pickle). Malformed input raises
 :class:`TensorFormatError` naming the source.
+
+Files are written tensor by tensor (header, then each array's bytes straight from its
+memory) and read with plain file reads into numpy arrays, never through a memory map:
+a model of several GiB costs no more than the arrays a caller keeps, and pages of a
+file being read do not count against the process. :class:`TensorFile` reads one tensor
+(or a block of one) at a time, so a model on disk can stand in for one in memory.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import math
 import os
-from collections.abc import Mapping
+import struct
+import weakref
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import safetensors.numpy
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
-from ..files import write_atomic
+from ..files import atomic_file
 
 RESULT_KIND_KEY = "flare.result_kind"
 """Metadata key of a site's result file: ``"weights"`` (full weights) or ``"difference"``
 (local minus global weights)."""
+
+# safetensors dtype codes numpy can hold. BF16 and FP8 have no numpy dtype: such a file
+# can be described, not loaded; trainers send float32 or float16.
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+# Bytes per element of every code a valid file may name, numpy-readable or not.
+_ITEMSIZE = {code: dtype.itemsize for code, dtype in SAFETENSORS_DTYPES.items()}
+_ITEMSIZE.update({"BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8})
+_METADATA = "__metadata__"
+_MAX_HEADER = 100 << 20  # the safetensors library's own limit
+_READ_BYTES = 1 << 30  # one read() per GiB: Linux reads at most 2 GiB at once
 
 
 class TensorFormatError(ValueError):
@@ -36,26 +72,63 @@ class TensorSpec:
 
 def _check_arrays(tensors: Mapping[str, np.ndarray]) -> None:
     for name, value in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise TensorFormatError(f"tensor names must be non-empty strings, got {name!r}")
+        if not isinstance(name, str) or not name or name == _METADATA:
+            raise TensorFormatError(f"tensor names must be non-empty strings other than {_METADATA!r}, got {name!r}")
         if not isinstance(value, np.ndarray):
             raise TensorFormatError(f"tensor {name!r} is a {type(value).__name__}, not a numpy array")
 
 
+def write_tensors_to(
+    out: BinaryIO, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``tensors`` as safetensors to ``out``: the header, then one array after the other.
+
+    No serialized copy of the model is made; only a non-contiguous or big-endian array is
+    copied, one at a time. A :class:`TensorFile` is copied one tensor at a time.
+    """
+    if isinstance(tensors, TensorFile):
+        layout = tensors.layout
+    else:
+        _check_arrays(tensors)
+        layout = {}
+        for name, array in tensors.items():
+            code = _CODES.get(array.dtype.newbyteorder("="))
+            if code is None:
+                raise TensorFormatError(f"cannot store tensor {name!r} as safetensors: dtype {array.dtype} unsupported")
+            layout[name] = TensorSpec(code, tuple(int(d) for d in array.shape))
+    header: dict = {_METADATA: {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    offset = 0
+    for name, spec in layout.items():
+        end = offset + math.prod(spec.shape) * _ITEMSIZE[spec.dtype]
+        header[name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data aligned to 8 bytes, as the safetensors library writes it
+    out.write(struct.pack("<Q", len(raw)))
+    out.write(raw)
+    for name in layout:
+        array = np.ascontiguousarray(tensors[name]).reshape(-1)
+        out.write(array.astype(array.dtype.newbyteorder("<"), copy=False).view(np.uint8))
+
+
 def dump_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
-    """``tensors`` as safetensors bytes (arrays are copied to C order as needed)."""
-    _check_arrays(tensors)
-    try:
-        return safetensors.numpy.save(
-            {k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=dict(metadata) if metadata else None
-        )
-    except SafetensorError as exc:
-        raise TensorFormatError(f"cannot store these tensors as safetensors: {exc}") from None
+    """``tensors`` as safetensors bytes (for small payloads; files are written with :func:`save_file`)."""
+    buffer = io.BytesIO()
+    write_tensors_to(buffer, tensors, metadata)
+    return buffer.getvalue()
 
 
-def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``tensors`` to ``path`` atomically: a reader sees the old file or the whole new one."""
-    write_atomic(path, dump_bytes(tensors, metadata))
+def save_file(
+    tensors: Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    durable: bool = True,
+) -> None:
+    """Write ``tensors`` to ``path`` atomically (a reader sees the old file or the whole new one),
+    streamed tensor by tensor. ``durable=False`` skips the fsync, for scratch files."""
+    with atomic_file(path, durable=durable) as out:
+        write_tensors_to(out, tensors, metadata)
 
 
 def load_bytes(data: bytes, source: str = "safetensors data") -> dict[str, np.ndarray]:
@@ -67,11 +140,9 @@ def load_bytes(data: bytes, source: str = "safetensors data") -> dict[str, np.nd
 
 
 def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The arrays in the safetensors file at ``path``."""
-    try:
-        return safetensors.numpy.load_file(path)
-    except (SafetensorError, ValueError, TypeError) as exc:
-        raise TensorFormatError(f"{path}: not valid safetensors ({exc})") from None
+    """The arrays in the safetensors file at ``path``, read into memory."""
+    with TensorFile(path) as tensors:
+        return {name: tensors[name] for name in tensors}
 
 
 def describe_file(path: str | os.PathLike) -> tuple[dict[str, TensorSpec], dict[str, str]]:
@@ -81,13 +152,167 @@ def describe_file(path: str | os.PathLike) -> tuple[dict[str, TensorSpec], dict[
     exactly), so a truncated or padded file is refused without loading the weights.
     """
     try:
-        with safe_open(path, framework="np") as f:
-            specs = {}
-            for name in f.keys():
-                piece = f.get_slice(name)
-                specs[name] = TensorSpec(piece.get_dtype(), tuple(piece.get_shape()))
-            return specs, dict(f.metadata() or {})
-    except (SafetensorError, ValueError, TypeError) as exc:
-        raise TensorFormatError(f"{path}: not valid safetensors ({exc})") from None
+        with TensorFile(path) as tensors:
+            return dict(tensors.layout), dict(tensors.metadata)
     except OSError as exc:
         raise TensorFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+class TensorFile(Mapping[str, np.ndarray]):
+    """A safetensors file as a read-only mapping of name -> array, read on access.
+
+    The header is checked when the file is opened, as strictly as the safetensors
+    library does (known dtypes, sizes that match the shapes, tensors that cover the
+    data exactly, nothing after it). Each access reads the tensor anew with plain file
+    reads. The file stays open until :meth:`close` (or garbage collection), so it can be
+    read even after it was deleted.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise TensorFormatError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
+        self._closer = weakref.finalize(self, os.close, self._fd)
+        self._buffer: np.ndarray | None = None
+        try:
+            self.layout, self.metadata, self._offsets = self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def _fail(self, problem: str) -> TensorFormatError:
+        return TensorFormatError(f"{self.path}: not valid safetensors ({problem})")
+
+    def _read_header(self) -> tuple[dict[str, TensorSpec], dict[str, str], dict[str, tuple[int, int]]]:
+        size = os.fstat(self._fd).st_size
+        if size < 8:
+            raise self._fail("shorter than its header length")
+        (length,) = struct.unpack("<Q", self._pread(8, 0))
+        if length > min(size - 8, _MAX_HEADER):
+            raise self._fail(f"header of {length} bytes in a file of {size}")
+        raw = self._pread(length, 8)
+
+        def unique(pairs):
+            keys = [k for k, _ in pairs]
+            if len(set(keys)) != len(keys):
+                raise self._fail("a name appears twice in the header")
+            return dict(pairs)
+
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._fail(f"header is not JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise self._fail("header is not a JSON object")
+        metadata = header.pop(_METADATA, None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self._fail("metadata is not a map of strings")
+        layout, offsets = {}, {}
+        for name, entry in header.items():
+            if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+                raise self._fail(f"tensor {name!r}: entry must have dtype, shape and data_offsets")
+            dtype, shape, span = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if dtype not in _ITEMSIZE:
+                raise self._fail(f"tensor {name!r}: unknown dtype {dtype!r}")
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise self._fail(f"tensor {name!r}: bad shape {shape!r}")
+            if not isinstance(span, list) or len(span) != 2 or not all(type(o) is int and o >= 0 for o in span):
+                raise self._fail(f"tensor {name!r}: bad data_offsets {span!r}")
+            if span[1] - span[0] != math.prod(shape) * _ITEMSIZE[dtype]:
+                raise self._fail(f"tensor {name!r}: data_offsets {span} do not fit {dtype}{shape}")
+            layout[name] = TensorSpec(dtype, tuple(shape))
+            offsets[name] = (span[0] + 8 + length, span[1] + 8 + length)
+        # The tensors must tile the data exactly: no gaps, no overlaps, nothing after them.
+        end = 8 + length
+        for start, stop in sorted(offsets.values()):
+            if start != end:
+                raise self._fail("tensor data has gaps or overlaps")
+            end = stop
+        if end != size:
+            raise self._fail(f"tensor data ends at byte {end}, the file at {size}")
+        return layout, metadata, offsets
+
+    def _pread(self, count: int, offset: int) -> bytes:
+        data = os.pread(self._fd, count, offset)
+        if len(data) != count:
+            raise self._fail("file is shorter than its header says")
+        return data
+
+    def _read_into(self, target: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(target):
+            view = target[done : done + _READ_BYTES]
+            if hasattr(os, "preadv"):
+                got = os.preadv(self._fd, [view], offset + done)
+            else:
+                data = os.pread(self._fd, len(view), offset + done)
+                got = len(data)
+                view[:got] = data
+            if got <= 0:
+                raise self._fail("file is shorter than its header says")
+            done += got
+
+    def dtype(self, name: str) -> np.dtype:
+        """The numpy dtype of tensor ``name``; :class:`TensorFormatError` if numpy has none."""
+        code = self.layout[name].dtype
+        if code not in SAFETENSORS_DTYPES:
+            raise TensorFormatError(f"{self.path}: tensor {name!r} has dtype {code}, which numpy cannot hold")
+        return SAFETENSORS_DTYPES[code].newbyteorder("<")
+
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """Tensor ``name`` (or the block ``rows`` of its first axis, step 1) as a new array."""
+        shape, dtype = self.layout[name].shape, self.dtype(name)
+        start, _ = self._offsets[name]
+        if rows is not None:
+            first, stop, step = rows.indices(shape[0])
+            if step != 1:
+                raise ValueError("rows must be a slice with step 1")
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
+            shape, start = (max(0, stop - first), *shape[1:]), start + first * row_bytes
+        array = np.empty(shape, dtype)
+        self._read_into(memoryview(array.reshape(-1).view(np.uint8)), start)
+        return array.astype(dtype.newbyteorder("="), copy=False)
+
+    def blocks(self, name: str, elements: int = 1 << 15) -> Iterator[tuple[int, np.ndarray]]:
+        """Tensor ``name``, flattened, as (first element, values) blocks of up to ``elements``.
+
+        The values are a view of one buffer that the next block overwrites: use each
+        block before asking for the next. Small blocks stay in the CPU's cache.
+        """
+        dtype = self.dtype(name)
+        total = math.prod(self.layout[name].shape)
+        nbytes = elements * dtype.itemsize
+        if self._buffer is None or self._buffer.size < nbytes:
+            self._buffer = np.empty(nbytes, np.uint8)
+        start, _ = self._offsets[name]
+        for first in range(0, total, elements):
+            count = min(elements, total - first)
+            chunk = self._buffer[: count * dtype.itemsize]
+            self._read_into(memoryview(chunk), start + first * dtype.itemsize)
+            yield first, chunk.view(dtype)
+
+    # safe_open's spelling, for code written against it
+    def get_tensor(self, name: str) -> np.ndarray:
+        return self.read(name)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layout)
+
+    def __len__(self) -> int:
+        return len(self.layout)
+
+    def close(self) -> None:
+        self._closer()
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

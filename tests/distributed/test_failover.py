@@ -33,6 +33,8 @@ ROUND_TIMEOUT = 120.0
 
 # The app fixes every seed (model init, data shuffling), so runs of this DAG differ only in
 # their federation name and run id; a run's federation comes from the trigger's conf.
+# Digits rounds train in milliseconds; the round the tests interrupt trains long enough
+# (seconds) that it is still in flight when the test has seen it start.
 TRAINING_DAG = """
 from datetime import timedelta
 
@@ -52,6 +54,7 @@ with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2026, 1, 1), ca
         snapshot_uri="{snapshot_uri}",
         aws_conn_id="{aws_conn_id}",
         evaluate=False,
+        round_configs={{{kill_round}: {{"epochs": 300}}}},
         deferrable={deferrable},
         poll_interval=0.5,
         retries=2,
@@ -63,7 +66,8 @@ with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2026, 1, 1), ca
 @pytest.fixture(scope="module")
 def dags(cluster):
     cluster.write_dags({
-        dag_id: TRAINING_DAG.format(dag_id=dag_id, conn=cluster.conn_id, rounds=ROUNDS, snapshot_uri=cluster.snapshot_uri,
+        dag_id: TRAINING_DAG.format(dag_id=dag_id, conn=cluster.conn_id, rounds=ROUNDS, kill_round=KILL_ROUND,
+                                    snapshot_uri=cluster.snapshot_uri,
                                     aws_conn_id=AWS_CONN_ID, deferrable=deferrable)
         for dag_id, deferrable in ((DAG_ID, False), (DEFERRED_DAG_ID, True))
     })

@@ -11,9 +11,9 @@ import sys
 import uuid
 
 import pytest
+from s3_server import TEST_KEYS, MotoServer  # tests/ is on sys.path
 
 from flare_provider.poc import prepare
-from s3_server import TEST_KEYS, MotoServer  # tests/ is on sys.path
 
 
 def airflow_cli(*args: str) -> str:

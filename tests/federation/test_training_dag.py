@@ -7,13 +7,14 @@ on a held-out set no site trained on.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from s3_server import TEST_KEYS
 
 from flare_provider.snapshots import SnapshotStore
-from s3_server import TEST_KEYS
 from site_agent.baseline import evaluate_weights, train_local_only
 from site_agent.datasets.digits import write_holdout
 
@@ -86,7 +87,8 @@ def test_every_round_is_committed_to_s3(plain_run, s3, snapshot_bucket, store):
     dag_run, _ = plain_run
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=snapshot_bucket)["Contents"]]
     commits = sorted(k for k in keys if k.endswith("/COMMIT") and "/fed_plain/" in k)
-    assert len(commits) == ROUNDS
+    assert len(commits) == ROUNDS + 1  # round 0 holds the initial model
+    assert store.list_rounds("fed_plain", dag_run.run_id) == list(range(ROUNDS + 1))
     latest = store.latest("fed_plain", dag_run.run_id)
     assert latest.round == ROUNDS
     history = latest.state["history"]
@@ -112,13 +114,25 @@ def test_accuracy_rises_and_beats_every_local_model(plain_run, store, digits_fed
     assert accuracy[-1] > max(local.values()), (accuracy[-1], local)
 
 
+def initialize_tasks(fed) -> int:
+    """How many initial-model tasks the sites have run so far."""
+    return sum(
+        json.loads(state.read_text())["spec"]["kind"] == "initialize"
+        for site in fed.sites
+        for state in (fed.kits[site] / "work" / "tasks").glob("*/task.json")
+    )
+
+
 def test_deferrable_mode_gives_the_same_model(run_dag, digits_federation, snapshot_bucket, store):
     runs = {}
     for mode, deferrable in (("plain", False), ("deferred", True)):
         dag_id = f"fed_same_{mode}"
         conn = f"{digits_federation.conn_id}_env"  # see digits_federation
+        before = initialize_tasks(digits_federation)
         dag_run = run_dag(training_dag(dag_id, digits_federation, snapshot_bucket, 2, deferrable, conn), dag_id)
         assert dag_run.state == "success", mode
+        # One site built the initial model, once: coming back from the triggerer resumes from round 0.
+        assert initialize_tasks(digits_federation) == before + 1, mode
         runs[mode] = store.load_weights(store.latest(dag_id, dag_run.run_id))
     assert runs["plain"].keys() == runs["deferred"].keys()
     for name in runs["plain"]:

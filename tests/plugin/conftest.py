@@ -33,7 +33,6 @@ from plugin_support import (
     BROKEN_CONN_ID,
     DAG_ID,
     DOWN_SITE,
-    REPO,
     START_TIMEOUT_S,
     TRAIN_DAG,
     USERS,

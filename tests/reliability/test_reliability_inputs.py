@@ -80,7 +80,8 @@ def test_bad_operator_arguments_fail_the_dag_file_import(tmp_path):
     folder.mkdir()
     (folder / "bad_arguments.py").write_text(dag_file("bad_arguments", {"train": dict(
         app_name="digits", num_rounds=0, aggregator="fedsum", snapshot_uri="gs://bucket/runs",
-        sites=["site-1", "site-2"], min_clients=3,
+        sites=["site-1", "site-2"], min_clients=3, deferrable=True, snapshot_every=2,
+        connect_grace=-1,
     )}))
     (folder / "good_arguments.py").write_text(dag_file("good_arguments", {"train": dict(app_name="digits")}))
 
@@ -93,6 +94,8 @@ def test_bad_operator_arguments_fail_the_dag_file_import(tmp_path):
         "unknown aggregator 'fedsum'; choose one of fedavg, fedprox",
         "min_clients (3) is more than the 2 sites given",
         "snapshot_uri must be s3://bucket/prefix or file:///path, got 'gs://bucket/runs'",
+        "snapshot_every must be 1 with deferrable=True (every round is committed), got 2",
+        "connect_grace must be a number of seconds >= 0, got -1",
     ):
         assert problem in error, error
 

@@ -65,6 +65,7 @@ def test_unreachable_site_is_dropped_with_its_error_and_the_run_goes_on(fed, dig
     source = dag_file("unreachable_site", {"train": dict(
         app_name="digits", flare_conn_id=fed.conn_id, sites=[*LIVE_SITES, down], min_clients=2, num_rounds=2,
         initial_model=digits_initial, train_config={"epochs": 1}, snapshot_uri=snapshots, evaluate=False,
+        connect_grace=1,  # a down site is retried for a second per round, not the default ten
     )})
     dag_run = run_dag(source, "unreachable_site")
     log = task_log()

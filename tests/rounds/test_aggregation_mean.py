@@ -142,3 +142,66 @@ def test_rounds_follow_each_other(update_file):
 def test_begin_round_refuses_bad_arguments(args, problem):
     with pytest.raises(ValueError, match=problem):
         FedAvg().begin_round(*args)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedadam"])
+def test_in_place_fold_gives_the_same_bits_for_every_order_and_a_file_backed_global(
+    algorithm, update_file, tmp_path, monkeypatch
+):
+    """Blocks smaller than the tensors, mixed kinds, and the global model read from a file."""
+    from flare_provider.aggregation import mean
+    from flare_provider.wire.tensors import TensorFile, save_file
+
+    monkeypatch.setattr(mean, "BLOCK", 5)  # tensors span several blocks, the last one partial
+    rng = np.random.default_rng(11)
+    global_weights = {"w": rng.standard_normal((4, 3)).astype(np.float32), "n": np.array(9, np.int64)}
+    save_file(global_weights, tmp_path / "global.safetensors")
+    sites = {"a": ("weights", 3), "b": ("diff", 40), "c": ("weights", 7)}
+    files = {}
+    for s, (kind, _) in sites.items():
+        update = {"w": rng.standard_normal((4, 3)).astype(np.float32), "n": np.array(len(s), np.int64)}
+        files[s] = update_file(s, update)
+    results = set()
+    for order in itertools.permutations(sites):
+        for source in (global_weights, TensorFile(tmp_path / "global.safetensors")):
+            agg = make_aggregator(algorithm)
+            agg.begin_round(source, 1, list(sites))
+            for site in order:
+                agg.add(site, files[site], sites[site][1], kind=sites[site][0])
+            new = agg.finish()
+            results.add(b"".join(new[k].tobytes() for k in sorted(new)))
+    assert len(results) == 1, "the aggregate depends on the arrival order or on where the global model is"
+    if algorithm == "fedavg":
+        from safetensors.numpy import load_file
+
+        total = sum(n for _, n in sites.values())
+        expected = sum(
+            n * (load_file(files[s])["w"].astype(np.float64) + (global_weights["w"] if kind == "diff" else 0))
+            for s, (kind, n) in sites.items()
+        ) / total
+        np.testing.assert_allclose(new["w"], expected, rtol=1e-6)
+
+
+def test_a_handed_over_file_is_moved_not_copied(update_file, tmp_path):
+    agg = FedAvg(spill_dir=tmp_path / "spill")
+    agg.begin_round({"w": f32(0, 0)}, 1, ["a", "b"])
+    late = update_file("b", {"w": f32(4, 8)})
+    agg.add("b", late, 1, move=True)  # waits for a: moved into the spill folder
+    assert not late.exists() and len(list((tmp_path / "spill").rglob("*.safetensors"))) == 1
+    kept = update_file("a", {"w": f32(2, 2)})
+    agg.add("a", kept, 1, move=True)  # folded at once: nothing to move
+    assert kept.exists()
+    np.testing.assert_array_equal(agg.finish()["w"], f32(3, 5))
+
+
+def test_a_bad_update_in_its_turn_leaves_the_sums_untouched(update_file):
+    """The non-finite value is in the last tensor: every earlier one was checked, none folded."""
+    global_weights = {"a": f32(0, 0), "z": f32(0)}
+    agg = FedAvg()
+    agg.begin_round(global_weights, 1, ["s1", "s2"])
+    with pytest.raises(Exception, match="non-finite"):
+        agg.add("s1", update_file("s1", {"a": f32(100, 100), "z": f32(np.inf)}), 5)
+    agg.add("s2", update_file("s2", {"a": f32(1, 2), "z": f32(3)}), 1)
+    new = agg.finish()
+    np.testing.assert_array_equal(new["a"], f32(1, 2))
+    np.testing.assert_array_equal(new["z"], f32(3))

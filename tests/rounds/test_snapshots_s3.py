@@ -154,3 +154,30 @@ def test_large_model_streams_through_multipart_transfers(moto, bucket, tmp_path)
     assert upload_peak < size / 2, f"upload peak {upload_peak / MIB:.1f} MiB for {size / MIB:.0f} MiB"
     assert download_peak < size / 2, f"download peak {download_peak / MIB:.1f} MiB for {size / MIB:.0f} MiB"
     assert list((tmp_path / "tmp").iterdir()) == []  # staging cleaned up
+
+
+@pytest.mark.parametrize("order", ["in order", "shuffled", "a part written twice"])
+def test_downloads_are_hashed_as_they_are_written(order, tmp_path):
+    """boto3 writes a multipart download's parts out of order, and again when it retries one."""
+    import hashlib
+    import random
+
+    from flare_provider.snapshots.s3 import _HashingFile
+
+    data = np.random.default_rng(2).bytes(5 * MIB + 123)
+    chunks = [(offset, data[offset : offset + 256 * 1024]) for offset in range(0, len(data), 256 * 1024)]
+    if order == "shuffled":
+        random.Random(3).shuffle(chunks)
+    elif order == "a part written twice":
+        chunks += chunks[:3]
+    with open(tmp_path / "out", "w+b") as f:
+        out = _HashingFile(f)
+        for offset, chunk in chunks:
+            out.seek(offset)
+            out.write(chunk)
+        result = out.result()
+    assert (tmp_path / "out").read_bytes() == data
+    if order == "a part written twice":
+        assert result is None  # the caller hashes the file again
+    else:
+        assert result == (hashlib.sha256(data).hexdigest(), len(data))

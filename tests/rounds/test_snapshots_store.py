@@ -145,6 +145,72 @@ def test_load_weights_rechecks_the_checksum(store):
         store.load_weights(snapshot)
 
 
+def _damage_behind_the_tag(store, number: int, tmp_path) -> None:
+    """Change round ``number``'s model bytes but not its size or tag, as bit rot would:
+    only the SHA-256 can tell."""
+    folder, model_key = round_key(RUN, number), round_key(RUN, number, "model.safetensors")
+    commit = json.loads(store.backend.get_bytes(f"{folder}/COMMIT"))
+    entry = commit["files"]["model.safetensors"]
+    original = store.backend.get_bytes(model_key)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(original[:-4] + b"\x00\x00\x80\x7f")
+    entry["tag"] = store.backend.put_file(model_key, damaged, entry["sha256"])
+    store.backend.put_bytes(f"{folder}/COMMIT", json.dumps(commit).encode())
+
+
+def test_a_model_damaged_behind_its_tag_fails_at_load_and_restore_takes_the_previous_round(store, caplog, tmp_path):
+    store.commit_round(FED, RUN, 0, weights(0), {"round": 0})
+    store.commit_round(FED, RUN, 1, weights(1), {"round": 1})
+    _damage_behind_the_tag(store, 1, tmp_path)
+    snapshot = store.latest(FED, RUN)  # reading a round does not download its model
+    assert snapshot.round == 1
+    with pytest.raises(SnapshotCorrupted, match="round_00001: model.safetensors does not match its SHA-256"):
+        store.load_weights(snapshot)
+    with caplog.at_level(logging.WARNING, logger="flare_provider.snapshots"):
+        snapshot, loaded = store.restore(FED, RUN)
+    assert snapshot.round == 0 and loaded["conv.weight"][0, 0, 0, 0] == 0
+    assert "skipping snapshot" in caplog.text and "round_00001: model.safetensors does not match" in caplog.text
+    assert store.restore("other", RUN) is None
+
+
+def test_a_round_committed_without_tags_is_checked_by_its_checksums(store):
+    """Rounds committed before tags were recorded, or whose files were replaced or copied."""
+    store.commit_round(FED, RUN, 0, weights(0), {"round": 0})
+    store.commit_round(FED, RUN, 1, weights(1), {"round": 1})
+    for number in (0, 1):
+        key = round_key(RUN, number, "COMMIT")
+        commit = json.loads(store.backend.get_bytes(key))
+        for entry in commit["files"].values():
+            entry.pop("tag", None)
+        store.backend.put_bytes(key, json.dumps(commit).encode())
+    assert store.latest(FED, RUN).round == 1
+    model_key = round_key(RUN, 1, "model.safetensors")
+    store.backend.put_bytes(model_key, store.backend.get_bytes(model_key)[:-1] + b"\x01")  # same size
+    assert store.latest(FED, RUN).round == 0
+
+
+def test_restore_downloads_the_model_once(moto, bucket):
+    client = moto.client()
+    requests: list[tuple[str, str]] = []
+    client.meta.events.register("before-send.s3", lambda request, **kw: requests.append((request.method, request.url)))
+    store = SnapshotStore(f"s3://{bucket}/team", s3_client=client)
+    store.commit_round(FED, RUN, 0, weights(0), {"round": 0}, state_tensors={"m": np.ones(3, np.float32)})
+    store.commit_round(FED, RUN, 1, weights(1), {"round": 1}, state_tensors={"m": np.ones(3, np.float32)})
+    del requests[:]
+
+    def gets(name: str) -> int:
+        return sum(method == "GET" and url.split("?")[0].endswith(name) for method, url in requests)
+
+    snapshot = store.latest(FED, RUN)
+    assert snapshot.round == 1 and gets("model.safetensors") == gets("server_state.safetensors") == 0
+    assert store.load_weights(snapshot)["conv.weight"][0, 0, 0, 0] == 1
+    assert store.load_server_state(snapshot)["m"].tolist() == [1, 1, 1]
+    assert gets("model.safetensors") == gets("server_state.safetensors") == 1
+    del requests[:]
+    snapshot, loaded = store.restore(FED, RUN)
+    assert snapshot.round == 1 and loaded["bn.num_batches_tracked"] == 1 and gets("model.safetensors") == 1
+
+
 def test_committed_round_is_never_rewritten(store):
     store.commit_round(FED, RUN, 3, weights(3), {"round": 3})
     with pytest.raises(SnapshotError, match="round_00003 is committed already"):
