@@ -22,6 +22,9 @@ test: venv
 demo: venv  # a local federation trained by a real Airflow; Ctrl-C stops it (see scripts/demo.py)
 	$(BIN)/python scripts/demo.py
 
+bench: venv  # the benchmarks under bench/; rewrites bench/RESULTS.md (see bench/README.md)
+	$(BIN)/python -m bench
+
 proto: venv  # regenerate the gRPC code from flare_provider/wire/agent.proto
 	$(BIN)/python -m flare_provider.wire.codegen
 
