@@ -17,10 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from flare_provider.client import AgentClient, CallerKit, load_caller_kit
+from flare_provider.client import AgentClient, CallerKit
 from flare_provider.poc import LocalFederation, prepare
 from flare_provider.provisioning.kits import LOCAL, SITE_SETTINGS
-from flare_provider.wire.bundles import build_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "apps"
@@ -219,18 +218,6 @@ def local_federation(root: Path, name: str, num_sites: int, *, gpus: tuple[int, 
         yield fed
     finally:
         fed.stop_agents()
-
-
-def deploy_app(fed: LocalFederation, app_dir: Path) -> str:
-    """Sign ``app_dir`` with the server identity and deploy it to every site; returns its version."""
-    kit = load_caller_kit(fed.server_kit)
-    bundle = build_bundle(app_dir, kit.cert_pem, kit.key_pem)
-    versions = set()
-    for site in fed.sites:
-        with kit.client(site) as client:
-            versions.add(client.deploy_app(bundle)[0].version)
-    (version,) = versions
-    return version
 
 
 @dataclass

@@ -28,7 +28,7 @@ import yaml
 from flare_provider.client import load_caller_kit
 from flare_provider.wire.tensors import save_file
 
-from .common import REPO, Section, deploy_app, local_federation, median, ratio
+from .common import REPO, Section, local_federation, median, ratio
 
 TARGET_RATIO = 0.95
 APP_NAME = "bench_mlp"
@@ -156,7 +156,7 @@ def measure(work: Path, device: str, workload: Workload, repeats: int) -> tuple[
     with local_federation(work / "federation", "bench_train", 1, gpus=(0,) if device == "cuda" else ()) as fed:
         site = fed.sites[0]
         app_dir = write_app(work / "app", workload)
-        deploy_app(fed, app_dir)
+        fed.deploy_app(app_dir)
         write_data(fed.data_dir(site), workload)
         empty = work / "empty.safetensors"
         save_file({}, empty)  # no global weights: the trainer starts from its seeded initialisation

@@ -32,7 +32,6 @@ from .common import (
     MemoryWatch,
     Section,
     Transfer,
-    deploy_app,
     gbps,
     local_federation,
     median,
@@ -208,7 +207,7 @@ def run(work: Path, wanted_bytes: int, num_sites: int, rounds: int, command: str
     if reason:
         section.notes.append(f"**Model size reduced:** {reason}.")
     with local_federation(work / "federation", "bench_large", num_sites) as fed:
-        deploy_app(fed, APP)
+        fed.deploy_app(APP)
         initial = work / "initial.safetensors"
         write_model(initial, nbytes)
         config = {

@@ -21,7 +21,7 @@ from flare_provider.snapshots import SnapshotStore
 from flare_provider.wire.tensors import save_file
 
 from . import limits
-from .common import APPS, Section, deploy_app, local_federation, median, ms, ratio
+from .common import APPS, Section, local_federation, median, ms, ratio
 
 APP = APPS / "plus_one"
 APP_NAME = "bench_plus_one"
@@ -90,7 +90,7 @@ def run(
         ),
     )
     with local_federation(work / "federation", "bench_overhead", max(site_counts)) as fed:
-        deploy_app(fed, APP)
+        fed.deploy_app(APP)
         initial = work / "initial.safetensors"
         save_file({"w": np.zeros(4, np.float32)}, initial)
         kit = load_caller_kit(fed.server_kit)

@@ -76,6 +76,19 @@ class LocalFederation:
         """A client of ``site`` with the server identity."""
         return load_caller_kit(self.server_kit).client(site, **kwargs)
 
+    def deploy_app(self, app_dir: str | os.PathLike) -> str:
+        """Sign ``app_dir`` with the server identity and deploy it to every site; its version."""
+        from .wire.bundles import build_bundle
+
+        kit = load_caller_kit(self.server_kit)
+        bundle = build_bundle(Path(app_dir), kit.cert_pem, kit.key_pem)
+        versions = set()
+        for site in self.sites:
+            with kit.client(site) as client:
+                versions.add(client.deploy_app(bundle)[0].version)
+        (version,) = versions
+        return version
+
     def agent(self, site: str) -> "AgentProcess":
         if site not in self.agents:
             self.agents[site] = AgentProcess(self.kits[site], site, self.ports[site], self.server_kit)

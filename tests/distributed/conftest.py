@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from harness import Harness
 
-# The federation tests' helpers (deploy_app, trainings) are shared, not copied.
+# The federation tests' helper (trainings) is shared, not copied.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "federation"))
-from fed_support import deploy_app  # noqa: E402
 
 APP = Path(__file__).resolve().parents[2] / "examples" / "apps" / "digits"
 
@@ -27,7 +26,7 @@ def cluster(tmp_path_factory):
     harness = Harness(tmp_path_factory.mktemp("distributed"))
     harness.start()
     try:
-        deploy_app(harness.federation, APP)
+        harness.federation.deploy_app(APP)
         yield harness
     finally:
         harness.stop()

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from fed_support import deploy_app, trainings
+from fed_support import trainings
 
 from flare_provider.client import load_caller_kit
 from flare_provider.federation.engine import FederatedRun, RoundFailed, RunSpec
@@ -23,7 +23,7 @@ APP = Path(__file__).resolve().parents[2] / "examples" / "apps" / "digits"
 
 @pytest.fixture(scope="module")
 def fed(digits_federation):
-    deploy_app(digits_federation, APP)
+    digits_federation.deploy_app(APP)
     return digits_federation
 
 

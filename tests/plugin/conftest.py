@@ -38,7 +38,6 @@ from plugin_support import (
     USERS,
     AirflowHome,
     Server,
-    deploy_app,
     stop_group,
 )
 from s3_server import TEST_KEYS, MotoServer  # tests/ is on sys.path
@@ -117,7 +116,7 @@ def federation(tmp_path_factory, airflow_home):
     fed = prepare(tmp_path_factory.mktemp("poc"), "clinics", 3)
     try:
         fed.start_agents()
-        deploy_app(fed, APP)
+        fed.deploy_app(APP)
         connections = json.loads(fed.connections_file.read_text())
         connections[AWS_CONN_ID] = {
             "conn_type": "aws",

@@ -94,15 +94,3 @@ def stop_group(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(30)
-
-
-def deploy_app(fed, app_dir: Path) -> None:
-    """Sign the app with the server identity and deploy it to every site."""
-    from flare_provider.client import load_caller_kit
-    from flare_provider.wire.bundles import build_bundle
-
-    kit = load_caller_kit(fed.server_kit)
-    bundle = build_bundle(app_dir, kit.cert_pem, kit.key_pem)
-    for site in fed.sites:
-        with kit.client(site) as client:
-            client.deploy_app(bundle)
