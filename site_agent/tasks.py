@@ -3,8 +3,8 @@
 The :class:`TaskManager` keeps one folder per task under ``<work_dir>/tasks`` (see
 :mod:`site_agent.task_store`), queues tasks until their GPUs (or a CPU slot) are free,
 runs each in a worker process of its own (forked by :mod:`site_agent.launcher`, in its
-own process group), follows its progress over a pipe, and records the outcome. Results stay on disk until the server
-acknowledges them, across agent restarts.
+own process group), follows its progress over a pipe, and records the outcome. Results
+stay on disk until the server acknowledges them, across agent restarts.
 """
 
 from __future__ import annotations

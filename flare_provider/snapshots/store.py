@@ -42,11 +42,10 @@ import numpy as np
 from ..files import file_digest
 from .backend import Backend
 from .errors import SnapshotCorrupted, SnapshotError
-from .hashed import write_hashed
 from .local import LocalBackend, path_from_file_uri
 from .naming import decode_name, encode_name, parse_round_folder, round_folder
 from .s3 import S3Backend, make_s3_client, parse_s3_uri
-from .tensors import load_tensors
+from .tensors import load_tensors, write_hashed
 
 log = logging.getLogger(__name__)
 

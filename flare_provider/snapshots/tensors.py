@@ -1,7 +1,8 @@
-"""Safetensors files of numpy arrays: writing without extra copies, reading with clear errors."""
+"""Safetensors files of numpy arrays: written without extra copies and hashed on the way, read with clear errors."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,19 +13,36 @@ from ..wire.tensors import TensorFile, TensorFormatError, write_tensors_to
 from .errors import SnapshotError
 
 
-def write_tensors(tensors: Mapping[str, np.ndarray], path: Path, what: str) -> Path:
-    """Write ``tensors`` to ``path``; ``what`` names them in errors.
+class _HashingWriter:
+    """Passes writes on to a file, hashing them: the model is written and hashed in one pass."""
+
+    def __init__(self, out):
+        self._out = out
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        written = self._out.write(data)
+        self.size += written
+        return written
+
+
+def write_hashed(tensors: Mapping[str, np.ndarray], path: Path, what: str) -> tuple[str, int]:
+    """Write ``tensors`` to ``path``; its SHA-256 (hex) and size. ``what`` names them in errors.
 
     Streamed straight from the arrays' memory, tensor by tensor, so no second copy of
-    the model is made (only a non-contiguous array is copied, one at a time).
+    the model is made (only a non-contiguous array is copied, one at a time), and hashed
+    on the way rather than read back.
     """
     try:
         ModelSpec.of(tensors)
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from None
-    with open(path, "wb") as out:
+    with open(path, "wb") as f:
+        out = _HashingWriter(f)
         write_tensors_to(out, tensors)
-    return path
+    return out.digest.hexdigest(), out.size
 
 
 def load_tensors(path: Path, source: str, header_only: bool = False) -> dict[str, np.ndarray]:

@@ -295,10 +295,6 @@ class TensorFile(Mapping[str, np.ndarray]):
             self._read_into(memoryview(chunk), start + first * dtype.itemsize)
             yield first, chunk.view(dtype)
 
-    # safe_open's spelling, for code written against it
-    def get_tensor(self, name: str) -> np.ndarray:
-        return self.read(name)
-
     def __getitem__(self, name: str) -> np.ndarray:
         return self.read(name)
 
