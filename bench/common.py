@@ -256,7 +256,7 @@ class TimedClient(AgentClient):
 
 
 def timed_client_factory(kit: CallerKit, transfers: list[Transfer]):
-    """A ``client_factory`` for :class:`~flare_provider.federation.engine.FederatedRun`."""
+    """A ``client_factory`` for :class:`~flare_provider.federation.scatter_gather.ScatterGatherRun`."""
 
     def make(site: str) -> TimedClient:
         return TimedClient(

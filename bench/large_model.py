@@ -118,7 +118,8 @@ def engine_main(config_path: Path) -> None:
     import resource
 
     from flare_provider.client import load_caller_kit
-    from flare_provider.federation.engine import FederatedRun, RunSpec
+    from flare_provider.federation.records import RunSpec
+    from flare_provider.federation.scatter_gather import ScatterGatherRun
     from flare_provider.snapshots import SnapshotStore
 
     config = json.loads(config_path.read_text())
@@ -132,7 +133,7 @@ def engine_main(config_path: Path) -> None:
     memory = PeakMemory()
     rounds = []
     store = SnapshotStore(config["snapshot_uri"])
-    with FederatedRun(spec, kit, store, initial_model=config["initial_model"],
+    with ScatterGatherRun(spec, kit, store, initial_model=config["initial_model"],
                       client_factory=timed_client_factory(kit, transfers)) as run:
         baseline = PeakMemory._status("VmRSS")
         with memory.phase("restore"):
@@ -151,7 +152,7 @@ def engine_main(config_path: Path) -> None:
                 progress = run.finish_round(progress, flight, infos)
             times["total"] = time.perf_counter() - started
             times["finish"] = times["total"] - times["scatter"] - times["gather"]
-            if sorted(progress.history[-1]["accepted"]) != sorted(sites):
+            if sorted(progress.history[-1].accepted) != sorted(sites):
                 raise RuntimeError(f"round {flight.round}: not every update was accepted: {progress.history[-1]}")
             for method in ("submit", "fetch"):
                 # The sites' transfers overlap: a round's window runs from the first start to the last end.
@@ -290,7 +291,7 @@ def run(work: Path, wanted_bytes: int, num_sites: int, rounds: int, command: str
         "**What the engine's memory is made of.** FedAvg's float64 sums are twice the model "
         "(`WeightedMeanAggregator._start_round`; they grow as results are folded in). The global model is not held "
         "during the round: *scatter* writes it to a file tensor by tensor (`flare_provider.wire.tensors.save_file`) "
-        "and the round reads it back from there when needed (`FederatedRun._spool`, a `TensorFile`; FedAvg needs it "
+        "and the round reads it back from there when needed (`ScatterGatherRun._spool`, a `TensorFile`; FedAvg needs it "
         "only at *finish*, and only if a site sent a difference). *Finish* turns the sums into the new model one "
         "tensor at a time, freeing each sum as it goes, so sums and new model overlap by one tensor. Files are read "
         "with plain reads into arrays (`TensorFile`), not memory maps, so no file's pages stay resident; *restore* "

@@ -54,12 +54,13 @@ def grpc_mtls_stream(fed, site: str, nbytes: int, repeats: int = 3) -> float:
     """
     import grpc
 
-    from flare_provider.client import _channel_options, _credentials, load_caller_kit
+    from flare_provider.client import load_caller_kit
+    from flare_provider.client.channel import channel_credentials, channel_options
 
     kit = load_caller_kit(fed.server_kit)
     with _Sink([sys.executable, "-m", "bench.limits", "grpc-sink", "--kit", str(fed.kits[site])]) as port:
         channel = grpc.secure_channel(
-            f"127.0.0.1:{port}", _credentials(kit.cert_pem, kit.key_pem, kit.root_ca_pem), options=_channel_options(site)
+            f"127.0.0.1:{port}", channel_credentials(kit.cert_pem, kit.key_pem, kit.root_ca_pem), options=channel_options(site)
         )
         try:
             push = channel.stream_unary(f"/{SINK_SERVICE}/Push")  # no serializers: raw bytes
@@ -84,7 +85,7 @@ def _serve_grpc_sink(kit_dir: Path) -> None:
     import grpc
 
     from flare_provider.wire.chunks import MAX_MESSAGE_BYTES
-    from site_agent.config import load_agent_config
+    from site_agent.kit_config import load_agent_config
 
     config = load_agent_config(kit_dir)
 
@@ -226,8 +227,8 @@ def disk_write(folder: Path, nbytes: int, repeats: int = 3) -> float:
 
 STARTUP_STEPS = {
     "the interpreter alone (`python -c pass`)": "pass",
-    "+ what `site_agent.worker` imports (numpy, safetensors, yaml, the app loader)": "import site_agent.worker",
-    "+ PyTorch (what the built-in trainer imports)": "import site_agent.worker, torch",
+    "+ what `site_agent.worker` imports (numpy, safetensors, yaml, the app loader)": "import site_agent.worker.task_runner",
+    "+ PyTorch (what the built-in trainer imports)": "import site_agent.worker.task_runner, torch",
 }
 
 
@@ -247,7 +248,7 @@ def process_startup(runs: int = 10) -> dict[str, float]:
 
 _FORK_PROBE = """
 import os, statistics, sys, time
-import site_agent.worker, torch  # what the launcher has imported (site.yaml preload_modules: [torch])
+import site_agent.worker.task_runner, torch  # what the launcher has imported (site.yaml preload_modules: [torch])
 times = []
 for _ in range(int(sys.argv[1])):
     started = time.perf_counter()
@@ -262,7 +263,7 @@ print(statistics.median(times))
 
 def fork_of_warm_worker(runs: int = 20) -> float:
     """Median seconds to fork (and reap) a process that has imported the worker and PyTorch:
-    what the worker launcher (``site_agent.launcher``) pays to start a task."""
+    what the worker launcher (``site_agent.runtime.launcher``) pays to start a task."""
     out = subprocess.run(
         [sys.executable, "-c", _FORK_PROBE, str(runs)], env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True, text=True, check=True, timeout=120,

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from flare_provider.client import load_caller_kit
-from flare_provider.federation.engine import FederatedRun, RunSpec
+from flare_provider.federation.records import RunSpec
+from flare_provider.federation.scatter_gather import ScatterGatherRun
 from flare_provider.snapshots import SnapshotStore
 from flare_provider.wire.tensors import save_file
 
@@ -50,7 +51,7 @@ def run_rounds(fed, sites: tuple[str, ...], rounds: int, store: SnapshotStore, i
         num_rounds=rounds, min_clients=len(sites), train_timeout=TRAIN_TIMEOUT,
     )
     times = []
-    with FederatedRun(spec, kit, store, initial_model=str(initial)) as run:
+    with ScatterGatherRun(spec, kit, store, initial_model=str(initial)) as run:
         progress = run.restore()
         for _ in range(rounds):
             started = time.perf_counter()
@@ -60,7 +61,7 @@ def run_rounds(fed, sites: tuple[str, ...], rounds: int, store: SnapshotStore, i
             gathered = time.perf_counter()
             progress = run.finish_round(progress, flight, infos)
             finished = time.perf_counter()
-            if sorted(progress.history[-1]["accepted"]) != sorted(sites):
+            if sorted(progress.history[-1].accepted) != sorted(sites):
                 raise RuntimeError(f"round {flight.round}: not every site's update was accepted: {progress.history[-1]}")
             times.append(RoundTimes(
                 total=finished - started, scatter=scattered - started, gather=gathered - scattered,
@@ -82,10 +83,10 @@ def run(
         command,
         intro=(
             f"A model of four float32 values, a trainer that adds one (`bench/apps/plus_one`, custom code the sites "
-            f"opt in to), FedAvg, {rounds} rounds per row driven by the run engine (`FederatedRun`: scatter, gather, "
+            f"opt in to), FedAvg, {rounds} rounds per row driven by the run engine (`ScatterGatherRun`: scatter, gather, "
             "finish_round, as `ScatterGatherOperator` does), a snapshot committed every round. Agents are real "
             "`flare-agent` processes on loopback with mutual TLS; every task runs in its own worker process, forked "
-            "by the agent's warm launcher (`site_agent/launcher.py`). "
+            "by the agent's warm launcher (`site_agent/runtime/launcher.py`). "
             f"Figures are medians over the {rounds} rounds (over every site of every round for the per-site columns)."
         ),
     )
@@ -146,7 +147,7 @@ def run(
         "global model, `WatchTask` until it ends, `FetchResult`) and once more to be acknowledged, and the agent "
         "records each step durably (the task's state file written and fsynced on submit, start, finish and "
         "acknowledgement) so that a restarted agent loses no result. The task runs in its own process, forked "
-        "from the agent's warm launcher (`site_agent/launcher.py`) in a few milliseconds (last row of the table "
+        "from the agent's warm launcher (`site_agent/runtime/launcher.py`) in a few milliseconds (last row of the table "
         "above) instead of a new interpreter importing the worker and PyTorch every round; the worker loads the "
         "app and the weights, and writes and fsyncs its result. Snapshots to S3 add their requests (commit "
         "check, model, state, commit marker) to every round. With 8 sites, 8 agents and their workers share 2 "

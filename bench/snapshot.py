@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from flare_provider.snapshots import SnapshotStore
-from flare_provider.snapshots.tensors import load_tensors, write_hashed
+from flare_provider.snapshots.model_files import load_tensors, write_hashed
 
 from .common import GIB, Section, gbps, median, ratio, size
 from .large_model import model_layout

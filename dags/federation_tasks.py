@@ -26,8 +26,8 @@ from typing import Any
 
 from airflow.sdk import Param
 
+from flare_provider.aggregation.names import BUILTIN_AGGREGATORS
 from flare_provider.operators import DeployAppOperator, ScatterGatherOperator
-from flare_provider.operators.scatter_gather import BUILTIN_AGGREGATORS
 from flare_provider.sensors.sites_ready import SitesReadySensor
 
 CONN_ID = os.environ.get("FLARE_CONN_ID") or "flare_default"

@@ -3,43 +3,44 @@
 Every aggregator streams: ``begin_round(global_weights, round, sites)``, then
 ``add(site, update_file, num_samples, kind)`` as results arrive, then ``finish()``.
 See ``docs/aggregators.md``.
+
+The names below load on first use, so that ``flare_provider.aggregation.names`` (the
+built-in names, read at DAG parse time) imports without numpy.
 """
 
-from .base import AggregationError, Aggregator, RoundStatus
-from .fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
-from .mean import FedAvg, FedProx, WeightedMeanAggregator
-from .registry import (
-    AggregatorConfigError,
-    available_aggregators,
-    make_aggregator,
-    parameter_names,
-    register_aggregator,
-)
-from .robust import CoordinateMedian, CoordinateWiseAggregator, TrimmedMean
-from .spec import ModelSpec, TensorSpec
-from .validation import UpdateRejected, validate_update
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "AggregationError",
-    "Aggregator",
-    "AggregatorConfigError",
-    "CoordinateMedian",
-    "CoordinateWiseAggregator",
-    "FedAdagrad",
-    "FedAdam",
-    "FedAvg",
-    "FedOpt",
-    "FedProx",
-    "FedYogi",
-    "ModelSpec",
-    "RoundStatus",
-    "TensorSpec",
-    "TrimmedMean",
-    "UpdateRejected",
-    "WeightedMeanAggregator",
-    "available_aggregators",
-    "make_aggregator",
-    "parameter_names",
-    "register_aggregator",
-    "validate_update",
-]
+_EXPORTS = {
+    "AggregationError": "base",
+    "Aggregator": "base",
+    "RoundStatus": "base",
+    "FedAdagrad": "fedopt",
+    "FedAdam": "fedopt",
+    "FedOpt": "fedopt",
+    "FedYogi": "fedopt",
+    "FedAvg": "mean",
+    "FedProx": "mean",
+    "WeightedMeanAggregator": "mean",
+    "AggregatorConfigError": "registry",
+    "available_aggregators": "registry",
+    "make_aggregator": "registry",
+    "parameter_names": "registry",
+    "register_aggregator": "registry",
+    "CoordinateMedian": "robust",
+    "CoordinateWiseAggregator": "robust",
+    "TrimmedMean": "robust",
+    "ModelSpec": "spec",
+    "UpdateRejected": "validation",
+    "validate_update": "validation",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -61,7 +61,7 @@ class FedOpt(WeightedMeanAggregator):
         floating = self._spec.floating()
         if not self._m:
             for name in floating:
-                dtype = np.promote_types(self._spec[name].dtype, np.float32)
+                dtype = np.promote_types(self._spec[name].numpy_dtype, np.float32)
                 self._m[name] = np.zeros(self._spec[name].shape, dtype)
                 self._v[name] = np.full(self._spec[name].shape, self.initial_v, dtype)
             return
@@ -86,7 +86,7 @@ class FedOpt(WeightedMeanAggregator):
             delta = mean_delta.pop(name)
             base = self._global[name]
             if name not in self._m:
-                new[name] = to_model_dtype(base + delta, self._spec[name].dtype)
+                new[name] = to_model_dtype(base + delta, self._spec[name].numpy_dtype)
                 continue
             m = self._m[name].astype(np.float64)
             m *= self.beta1

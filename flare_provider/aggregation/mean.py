@@ -133,7 +133,7 @@ class WeightedMeanAggregator(Aggregator):
             if diffs:
                 self._add_global(total, name, diffs)
             total /= self._total
-            new[name] = to_model_dtype(total, self._spec[name].dtype)
+            new[name] = to_model_dtype(total, self._spec[name].numpy_dtype)
         return new
 
     def _step(self, mean_delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -147,7 +147,7 @@ class WeightedMeanAggregator(Aggregator):
         for name in list(mean_delta):
             delta = mean_delta.pop(name)
             delta += self._global[name]
-            new[name] = to_model_dtype(delta, self._spec[name].dtype)
+            new[name] = to_model_dtype(delta, self._spec[name].numpy_dtype)
         return new
 
 

@@ -11,18 +11,19 @@ import inspect
 from typing import Any
 
 from .base import Aggregator
-from .fedopt import FedAdagrad, FedAdam, FedYogi
-from .mean import FedAvg, FedProx
-from .robust import CoordinateMedian, TrimmedMean
+from .names import BUILTIN_AGGREGATORS
 
 
 class AggregatorConfigError(ValueError):
     """An unknown aggregator, or arguments it does not take."""
 
 
-_REGISTRY: dict[str, type[Aggregator]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad, CoordinateMedian, TrimmedMean)
-}
+def _load_class(path: str) -> type:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+_REGISTRY: dict[str, type[Aggregator]] = {name: _load_class(path) for name, path in BUILTIN_AGGREGATORS.items()}
 
 
 def register_aggregator(cls: type[Aggregator], name: str | None = None) -> type[Aggregator]:

@@ -60,16 +60,16 @@ class CoordinateWiseAggregator(Aggregator):
         base = self._global[name]
         if not spec.shape:  # a scalar
             block = np.stack([self._delta(tensors, name, kind, base=base) for tensors, kind in updates])
-            return to_model_dtype(base + self._combine(block), spec.dtype)
+            return to_model_dtype(base + self._combine(block), spec.numpy_dtype)
         rows = spec.shape[0]
         row_elements = int(np.prod(spec.shape[1:], dtype=np.int64))
         step = max(1, self.block_bytes // max(1, len(updates) * row_elements * _FLOAT64))
-        result = np.empty(spec.shape, spec.dtype)
+        result = np.empty(spec.shape, spec.numpy_dtype)
         for start in range(0, rows, step):
             part = slice(start, min(rows, start + step))
             here = base[part]
             block = np.stack([self._delta(tensors, name, kind, rows=part, base=here) for tensors, kind in updates])
-            result[part] = to_model_dtype(here + self._combine(block), spec.dtype)
+            result[part] = to_model_dtype(here + self._combine(block), spec.numpy_dtype)
         return result
 
 

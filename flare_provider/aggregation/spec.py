@@ -7,28 +7,14 @@ read, so a malformed or oversized file is refused cheaply.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..wire.tensors import SAFETENSORS_DTYPES, TensorFile
+from ..wire.tensors import SAFETENSORS_DTYPES, TensorFile, TensorSpec
 
 # Room for the safetensors header (names, shapes, offsets, metadata) on top of the data.
 HEADER_ALLOWANCE_BYTES = 1 << 20
 HEADER_ALLOWANCE_PER_TENSOR = 1024
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-    def describe(self) -> str:
-        return f"{self.dtype.name}{list(self.shape)}"
 
 
 class ModelSpec(Mapping[str, TensorSpec]):
@@ -45,7 +31,7 @@ class ModelSpec(Mapping[str, TensorSpec]):
             for name, stored in weights.layout.items():
                 if stored.dtype not in SAFETENSORS_DTYPES:
                     raise ValueError(f"tensor {name!r} has dtype {stored.dtype}, which cannot be aggregated here")
-            specs = {n: TensorSpec(s.shape, SAFETENSORS_DTYPES[s.dtype]) for n, s in weights.layout.items()}
+            specs = dict(weights.layout)
             weights = {}
         else:
             specs = {}
@@ -56,7 +42,7 @@ class ModelSpec(Mapping[str, TensorSpec]):
                 raise ValueError(f"tensor {name!r} is a {type(array).__name__}, not a numpy array")
             if array.dtype not in SAFETENSORS_DTYPES.values():
                 raise ValueError(f"tensor {name!r} has dtype {array.dtype}, which safetensors files cannot carry here")
-            specs[name] = TensorSpec(tuple(int(d) for d in array.shape), array.dtype)
+            specs[name] = TensorSpec.of_array(array)
         if not specs:
             raise ValueError("a model needs at least one tensor")
         return cls(specs)
@@ -81,4 +67,4 @@ class ModelSpec(Mapping[str, TensorSpec]):
 
     def floating(self) -> list[str]:
         """Names of the floating-point tensors (the ones an optimizer steps)."""
-        return [name for name, spec in self._tensors.items() if spec.dtype.kind == "f"]
+        return [name for name, spec in self._tensors.items() if spec.numpy_dtype.kind == "f"]

@@ -64,11 +64,11 @@ def validate_update(
             dtype = SAFETENSORS_DTYPES.get(stored.dtype)
             if dtype is None:
                 raise UpdateRejected(
-                    site, f"dtype {stored.dtype} cannot be aggregated; expected {spec[name].dtype.name}", name
+                    site, f"dtype {stored.dtype} cannot be aggregated; expected {spec[name].numpy_dtype.name}", name
                 )
             _check_layout(spec, name, stored.shape, dtype, site)
         for name in spec:
-            if spec[name].dtype.kind == "f":
+            if spec[name].numpy_dtype.kind == "f":
                 _check_finite_blocks(tensors, name, site)
 
 
@@ -113,8 +113,8 @@ def _check_layout(spec: ModelSpec, name: str, shape: tuple[int, ...], dtype: np.
     expected = spec[name]
     if shape != expected.shape:
         raise UpdateRejected(site, f"shape {list(shape)}, expected {list(expected.shape)}", name)
-    if dtype != expected.dtype:
-        raise UpdateRejected(site, f"dtype {np.dtype(dtype).name}, expected {expected.dtype.name}", name)
+    if dtype != expected.numpy_dtype:
+        raise UpdateRejected(site, f"dtype {np.dtype(dtype).name}, expected {expected.numpy_dtype.name}", name)
 
 
 def _check_finite_blocks(tensors: TensorFile, name: str, site: str) -> None:

@@ -71,10 +71,7 @@ class FlareHook(BaseHook):
         if isinstance(sites, str):
             sites = json.loads(sites)
         try:
-            endpoints = {
-                name: SiteEndpoint(name, s["host"], int(s["port"]), s.get("org", ""), tuple(s.get("gpus", ())))
-                for name, s in sites.items()
-            }
+            endpoints = SiteEndpoint.map_from(sites)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise FlareConnectionError(f"connection {conn.conn_id!r}: sites must map names to {{host, port}}: {exc}") from None
         return CallerKit(
@@ -92,6 +89,11 @@ class FlareHook(BaseHook):
         if self._kit is None:
             self._kit = self.kit_from_connection(self.get_connection(self.flare_conn_id))
         return self._kit
+
+    @classmethod
+    async def aget_kit(cls, flare_conn_id: str) -> "CallerKit":
+        """The same, from inside an event loop (Airflow triggers)."""
+        return cls.kit_from_connection(await cls.aget_connection(flare_conn_id))
 
     @property
     def sites(self) -> list[str]:

@@ -8,26 +8,18 @@ to the sites' tasks of a round that was in flight; nothing is trained twice.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from flare_provider.aggregation.names import BUILTIN_AGGREGATORS
+from flare_provider.hooks.snapshots import SNAPSHOT_SCHEMES
+
 if TYPE_CHECKING:
-    from flare_provider.federation.engine import FederatedRun
-
-SNAPSHOT_URI_ENV = "FLARE_SNAPSHOT_URI"
-BUILTIN_AGGREGATORS = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean")
-
-
-def default_snapshot_uri() -> str:
-    """``$FLARE_SNAPSHOT_URI``, else ``file://$AIRFLOW_HOME/flare-snapshots`` (the embedded default)."""
-    if os.environ.get(SNAPSHOT_URI_ENV):
-        return os.environ[SNAPSHOT_URI_ENV]
-    home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
-    return "file://" + os.path.join(os.path.abspath(home), "flare-snapshots")
+    from flare_provider.federation.records import Progress
+    from flare_provider.federation.scatter_gather import ScatterGatherRun
 
 
 def _is_template(value: Any) -> bool:
@@ -60,6 +52,8 @@ class ScatterGatherOperator(BaseOperator):
         deferrable, since the snapshot carries the run from one deferral to the next.
     :param evaluate: after the last round, every site evaluates the final model.
     :param deferrable: wait for the sites in the triggerer, freeing the worker slot.
+    :param poll_interval: seconds between two status polls of the sites by the trigger
+        (deferrable mode; the worker follows the sites' streams instead).
     :param connect_grace: seconds a site may be unreachable when a round's task is sent to
         it (an agent restarting, a network blip) before it is dropped from that round.
     :param flare_conn_id: the federation's ``flare`` connection (the server kit).
@@ -134,7 +128,7 @@ class ScatterGatherOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.connect_grace = connect_grace
         self.flare_conn_id = flare_conn_id
-        self._run: FederatedRun | None = None
+        self._run: ScatterGatherRun | None = None
         self._check_arguments()
 
     def _check_arguments(self) -> None:
@@ -168,30 +162,23 @@ class ScatterGatherOperator(BaseOperator):
         elif self.deferrable and self.snapshot_every != 1:
             # Between deferrals the run lives only in the snapshot store.
             problems.append(f"snapshot_every must be 1 with deferrable=True (every round is committed), got {self.snapshot_every}")
-        if self.snapshot_uri and not _is_template(self.snapshot_uri) and not self.snapshot_uri.startswith(("s3://", "file://")):
+        if self.snapshot_uri and not _is_template(self.snapshot_uri) and not self.snapshot_uri.startswith(SNAPSHOT_SCHEMES):
             problems.append(f"snapshot_uri must be s3://bucket/prefix or file:///path, got {self.snapshot_uri!r}")
         if isinstance(self.connect_grace, bool) or not isinstance(self.connect_grace, (int, float)) or self.connect_grace < 0:
             problems.append(f"connect_grace must be a number of seconds >= 0, got {self.connect_grace!r}")
+        if isinstance(self.poll_interval, bool) or not isinstance(self.poll_interval, (int, float)) or self.poll_interval <= 0:
+            problems.append(f"poll_interval must be a number of seconds > 0, got {self.poll_interval!r}")
         if problems:
             raise ValueError(f"{type(self).__name__} {self.task_id!r}: " + "; ".join(problems))
 
     # ---- building the run -------------------------------------------------------------
 
-    def _snapshot_store(self):
-        from flare_provider.snapshots import SnapshotStore
-
-        uri = self.snapshot_uri or default_snapshot_uri()
-        settings = None
-        if uri.startswith("s3://") and self.aws_conn_id:
-            from airflow.sdk import BaseHook
-
-            settings = s3_settings_from_connection(BaseHook.get_connection(self.aws_conn_id))
-        return SnapshotStore(uri, s3_settings=settings)
-
-    def _build_run(self, context: Any) -> "FederatedRun":
+    def _build_run(self, context: Any) -> "ScatterGatherRun":
         from flare_provider.aggregation import AggregatorConfigError
-        from flare_provider.federation.engine import FederatedRun, RunSpec
+        from flare_provider.federation.records import RunSpec
+        from flare_provider.federation.scatter_gather import ScatterGatherRun
         from flare_provider.hooks.flare import FlareConnectionError, FlareHook
+        from flare_provider.hooks.snapshots import SnapshotStoreHook
 
         try:
             kit = FlareHook(self.flare_conn_id).get_kit()
@@ -211,11 +198,13 @@ class ScatterGatherOperator(BaseOperator):
                 round_configs={int(k): v for k, v in self.round_configs.items()},
                 num_gpus=self.num_gpus,
                 snapshot_every=self.snapshot_every,
+                connect_grace=float(self.connect_grace),
+                status_poll_interval=float(self.poll_interval),
             )
-            run = FederatedRun(
+            self._run = ScatterGatherRun(
                 spec,
                 kit,
-                self._snapshot_store(),
+                SnapshotStoreHook(self.snapshot_uri, self.aws_conn_id).get_store(),
                 initial_model=self.initial_model,
                 logger=self.log,
                 extra_state={"airflow": {"dag_id": self.dag_id, "task_id": self.task_id, "run_id": context["run_id"]}},
@@ -223,78 +212,49 @@ class ScatterGatherOperator(BaseOperator):
         except (ValueError, AggregatorConfigError, FlareConnectionError) as exc:
             # Wrong arguments or connection: a retry cannot fix it, and no site was contacted.
             raise AirflowFailException(str(exc)) from exc
-        run.connect_grace = float(self.connect_grace)
-        self._run = run
-        return run
+        return self._run
 
     # ---- execution --------------------------------------------------------------------
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from flare_provider.federation.engine import RoundFailed
-
-        run = self._build_run(context)
-        try:
+        with self._build_run(context) as run:
             progress = run.restore()
-            if not self.deferrable:
-                return self._finish(run, run.run_rounds(progress))
-            if progress.round >= run.spec.num_rounds:
-                return self._finish(run, progress)
-            self._defer_round(run, progress)
-        except RoundFailed as exc:
-            raise RoundFailedError(str(exc)) from exc
-        finally:
-            run.close()
-        return {}  # not reached: defer() raises
+            if self.deferrable:
+                return self._next_round_or_finish(run, progress)
+            return self._finish(run, run.run_rounds(progress))
 
-    def _defer_round(self, run: "FederatedRun", progress) -> None:
+    def execute_complete(self, context: Any, event: dict[str, Any], flight: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Back from the trigger: finish the round it watched, then defer for the next one or finish."""
+        from flare_provider.federation.records import InFlight
+
+        # ``flight`` is what execute() deferred with. dag.test() of Airflow 3.3.2 and earlier
+        # drops a deferral's kwargs when the trigger fires (apache/airflow#69942); the round
+        # is then rebuilt from what the trigger watched, without the reasons of sites
+        # dropped at scatter.
+        taken_up = InFlight.from_dict(flight) if flight is not None else InFlight.from_watched(event)
+        with self._build_run(context) as run:
+            return self._next_round_or_finish(run, run.resume_round(taken_up, event))
+
+    def _next_round_or_finish(self, run: "ScatterGatherRun", progress: "Progress") -> dict[str, Any]:
+        """Deferrable mode: scatter the next round and hand the waiting to the triggerer."""
         from flare_provider.triggers.round import RoundTrigger
 
+        if progress.round >= run.spec.num_rounds:
+            return self._finish(run, progress)
         flight = run.scatter(progress)
         run.in_flight = None  # the trigger watches it now; this process lets go
         self.defer(
             trigger=RoundTrigger(
                 flare_conn_id=self.flare_conn_id,
-                task_ids={s: t for s, t in flight.task_ids.items() if s not in flight.dropped},
-                min_clients=run.spec.min_clients,
-                wait_time_after_min_received=run.spec.wait_time_after_min_received,
-                deadline=flight.deadline,
-                poll_interval=self.poll_interval,
-                round_info={"round": flight.round, "task_ids": flight.task_ids, "dropped": flight.dropped,
-                            "started_at": flight.started_at, "deadline": flight.deadline},
+                task_ids=flight.active_tasks,
+                rule=run.rule(flight).to_dict(),
+                poll_interval=run.spec.status_poll_interval,
             ),
             method_name="execute_complete",
+            kwargs={"flight": flight.to_dict()},
         )
 
-    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
-        """Back from the trigger: aggregate the round, then defer for the next one or finish."""
-        from flare_provider.client import TaskInfo
-        from flare_provider.federation.engine import InFlight, RoundFailed
-
-        run = self._build_run(context)
-        try:
-            progress = run.restore()
-            info = event["round"]
-            flight = InFlight(info["round"], dict(info["task_ids"]), info["started_at"], info["deadline"], dict(info["dropped"]))
-            if progress.round >= flight.round:  # committed already by an earlier try
-                self.log.info("Round %d is committed already", flight.round)
-            else:
-                run.resume_round(progress, flight)
-                infos = {site: TaskInfo(**state) for site, state in event.get("tasks", {}).items()}
-                for site, error in event.get("errors", {}).items():
-                    flight.dropped.setdefault(site, f"unreachable: {error}")
-                self.log.info("Round %d: %s", flight.round, event.get("reason"))
-                run.collect(flight, infos)
-                progress = run.finish_round(progress, flight, infos)
-            if progress.round >= run.spec.num_rounds:
-                return self._finish(run, progress)
-            self._defer_round(run, progress)
-        except RoundFailed as exc:
-            raise RoundFailedError(str(exc)) from exc
-        finally:
-            run.close()
-        return {}
-
-    def _finish(self, run: "FederatedRun", progress) -> dict[str, Any]:
+    def _finish(self, run: "ScatterGatherRun", progress: "Progress") -> dict[str, Any]:
         spec = run.spec
         uri = run.finalize(progress)
         result: dict[str, Any] = {
@@ -318,27 +278,3 @@ class ScatterGatherOperator(BaseOperator):
         if self._run is not None:
             self._run.abort()
 
-
-class RoundFailedError(RuntimeError):
-    """Too few sites for a round; Airflow may retry (sites can come back, their results are kept)."""
-
-
-def s3_settings_from_connection(conn: Any) -> dict[str, Any]:
-    """boto3 settings from an Airflow AWS connection (no Amazon provider needed).
-
-    Reads login/password as the access key pair and ``endpoint_url``, ``region_name``,
-    ``aws_session_token`` (also under ``extra.config_kwargs``/``service_config.s3``) from extra.
-    """
-    extra = conn.extra_dejson
-    settings: dict[str, Any] = {}
-    if conn.login:
-        settings["aws_access_key_id"] = conn.login
-    if conn.password:
-        settings["aws_secret_access_key"] = conn.password
-    endpoint = extra.get("endpoint_url") or extra.get("service_config", {}).get("s3", {}).get("endpoint_url") or conn.host
-    if endpoint:
-        settings["endpoint_url"] = endpoint
-    for key in ("region_name", "aws_session_token"):
-        if extra.get(key):
-            settings[key] = extra[key]
-    return settings

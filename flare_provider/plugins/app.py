@@ -54,7 +54,7 @@ class Settings:
 
     @classmethod
     def from_conf(cls) -> "Settings":
-        from flare_provider.operators.scatter_gather import default_snapshot_uri
+        from flare_provider.hooks.snapshots import default_snapshot_uri
 
         ids = [c.strip() for c in (conf.get(SECTION, "dashboard_conn_ids", fallback="") or "").split(",") if c.strip()]
         return cls(
@@ -150,17 +150,10 @@ def _read_store(settings: Settings) -> tuple[list[RunView], str]:
 
 
 def _open_store(settings: Settings):
-    from flare_provider.snapshots import SnapshotStore
+    from flare_provider.hooks.snapshots import SnapshotStoreHook
 
-    s3_settings = None
-    if settings.snapshot_uri.startswith("s3://") and settings.aws_conn_id:
-        from airflow.sdk import BaseHook
-
-        from flare_provider.operators.scatter_gather import s3_settings_from_connection
-
-        s3_settings = s3_settings_from_connection(BaseHook.get_connection(settings.aws_conn_id))
     # One try per call: a page must answer promptly, and shows the error instead.
-    return SnapshotStore(settings.snapshot_uri, s3_settings=s3_settings, attempts=1)
+    return SnapshotStoreHook(settings.snapshot_uri, settings.aws_conn_id).get_store(attempts=1)
 
 
 def _dag_team(dag_id: str) -> str | None:

@@ -10,6 +10,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from flare_provider.federation.records import RoundRecord
+
 WIDTH, HEIGHT = 290, 180
 LEFT, RIGHT, TOP, BOTTOM = 48, 12, 12, 30  # room for the axis labels
 
@@ -163,34 +165,17 @@ def site_colors(sites: Sequence[str]) -> dict[str, str]:
     return {site: SITE_COLORS[i % len(SITE_COLORS)] for i, site in enumerate(sites)}
 
 
-def run_charts(history: Sequence[Mapping], metric_names: Sequence[str], colors: Mapping[str, str]) -> list[Chart]:
+def run_charts(history: Sequence[RoundRecord], metric_names: Sequence[str], colors: Mapping[str, str]) -> list[Chart]:
     """A run's charts: each global metric by round (the sites' own values behind it), then round durations."""
     charts = []
+    rounds = [record for record in history if record.round is not None]
     for name in metric_names:
-        global_values: dict[int, float] = {}
+        global_values = {r.round: r.metrics[name] for r in rounds if name in r.metrics}
         site_values: dict[str, dict[int, float]] = {}
-        for record in history:
-            number = record.get("round")
-            if not isinstance(number, int):
-                continue
-            value = _finite(_mapping(record.get("metrics")).get(name))
-            if value is not None:
-                global_values[number] = value
-            for site, info in _mapping(record.get("sites")).items():
-                value = _finite(_mapping(_mapping(info).get("metrics")).get(name))
-                if value is not None:
-                    site_values.setdefault(site, {})[number] = value
+        for record in rounds:
+            for site, info in record.sites.items():
+                if name in info.metrics:
+                    site_values.setdefault(site, {})[record.round] = info.metrics[name]
         charts.append(line_chart(name, global_values, site_values, colors))
-    durations = {r["round"]: v for r in history if isinstance(r.get("round"), int) and (v := _finite(r.get("duration_s"))) is not None}
-    charts.append(bar_chart("round duration (s)", durations))
+    charts.append(bar_chart("round duration (s)", {r.round: r.duration_s for r in rounds if r.duration_s is not None}))
     return charts
-
-
-def _mapping(value) -> Mapping:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _finite(value) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None

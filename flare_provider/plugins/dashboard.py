@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from flare_provider.federation.records import RoundRecord, read_history
+
 REASON_CHARS = 400  # an error shown on the page is cut here (gRPC details can run long)
 
 
@@ -125,8 +127,8 @@ class RunView:
     state: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
-    def history(self) -> list[dict[str, Any]]:
-        return [h for h in self.state.get("history", []) if isinstance(h, Mapping)]
+    def history(self) -> list[RoundRecord]:
+        return read_history(self.state.get("history"))
 
     @property
     def num_rounds(self) -> int | None:
@@ -144,11 +146,12 @@ class RunView:
 
     @property
     def metrics(self) -> dict[str, float]:
-        return _numbers(self.history[-1].get("metrics")) if self.history else {}
+        return self.last_record.metrics if self.last_record else {}
 
     @property
-    def last_record(self) -> dict[str, Any]:
-        return self.history[-1] if self.history else {}
+    def last_record(self) -> RoundRecord | None:
+        history = self.history
+        return history[-1] if history else None
 
     @property
     def finished(self) -> bool:
@@ -156,44 +159,36 @@ class RunView:
 
     def sites(self) -> list[str]:
         """Every site named in any round, in name order."""
-        names: set[str] = set()
-        for record in self.history:
-            names.update(_mapping(record.get("sites")))
-            names.update(_strings(record.get("accepted")))
-            names.update(_mapping(record.get("dropped")))
-        return sorted(names)
+        return sorted(set().union(*(record.site_names() for record in self.history)))
 
     def participation(self) -> list[dict[str, Any]]:
         """Per round: when, how long, and what became of each site."""
         rows, sites = [], self.sites()
         for record in self.history:
-            accepted = set(_strings(record.get("accepted")))
-            dropped = _mapping(record.get("dropped"))
-            per_site = _mapping(record.get("sites"))
             cells = {}
             for site in sites:
-                info = _mapping(per_site.get(site))
-                if site in accepted:
-                    cells[site] = {"state": "accepted", "num_samples": info.get("num_samples"),
-                                   "reattached": bool(info.get("reattached"))}
-                elif site in dropped or site in per_site:
-                    why = dropped.get(site) or info.get("error") or info.get("status") or "dropped"
-                    cells[site] = {"state": "dropped", "reason": " ".join(str(why).split())}
+                info = record.sites.get(site)
+                if site in record.accepted:
+                    cells[site] = {"state": "accepted", "num_samples": info.num_samples if info else None,
+                                   "reattached": bool(info and info.reattached)}
+                elif site in record.dropped or info is not None:
+                    why = record.dropped.get(site) or (info.error or info.status if info else None) or "dropped"
+                    cells[site] = {"state": "dropped", "reason": " ".join(why.split())}
                 else:
                     cells[site] = {"state": "absent"}
             rows.append({
-                "round": record.get("round"),
-                "started": utc(record.get("started_at")),
-                "duration_s": record.get("duration_s"),
-                "num_samples": record.get("num_samples"),
-                "metrics": _numbers(record.get("metrics")),
+                "round": record.round,
+                "started": utc(record.started_at),
+                "duration_s": record.duration_s,
+                "num_samples": record.num_samples,
+                "metrics": record.metrics,
                 "sites": cells,
             })
         return rows
 
     def metric_names(self) -> list[str]:
         """The metrics the rounds recorded (each the sites' sample-weighted mean), validation ones first."""
-        names = {n for record in self.history for n in _numbers(record.get("metrics"))}
+        names = {n for record in self.history for n in record.metrics}
         return sorted(names, key=lambda n: (not n.startswith("val"), n))
 
 
@@ -218,19 +213,3 @@ def read_runs(store) -> list[RunView]:
     """Every run in the store, the most recently committed first."""
     runs = [read_run(store, federation, run) for federation in store.list_federations() for run in store.list_runs(federation)]
     return sorted(runs, key=lambda r: r.committed_at, reverse=True)
-
-
-def _mapping(value: Any) -> dict[str, Any]:
-    return dict(value) if isinstance(value, Mapping) else {}
-
-
-def _strings(value: Any) -> list[str]:
-    return [v for v in value if isinstance(v, str)] if isinstance(value, (list, tuple)) else []
-
-
-def _numbers(value: Any) -> dict[str, float]:
-    out = {}
-    for name, number in _mapping(value).items():
-        if isinstance(number, (int, float)) and not isinstance(number, bool):
-            out[str(name)] = float(number)
-    return out

@@ -13,8 +13,8 @@ import numpy as np
 
 from .errors import SnapshotError
 from .local import path_from_file_uri
+from .model_files import load_tensors
 from .s3 import S3Backend, make_s3_client, parse_s3_uri
-from .tensors import load_tensors
 
 
 def load_initial_weights(

@@ -23,7 +23,6 @@ never taken unverified.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,8 +30,6 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -42,41 +39,27 @@ import numpy as np
 from ..files import file_digest
 from .backend import Backend
 from .errors import SnapshotCorrupted, SnapshotError
+from .layout import (
+    COMMIT_FILE,
+    FINAL_FILE,
+    FORMAT_VERSION,
+    MODEL_FILE,
+    SERVER_STATE_FILE,
+    STATE_FILE,
+    Snapshot,
+    bytes_digest,
+    check,
+    json_bytes,
+    now,
+    parse_commit,
+    state_json,
+)
 from .local import LocalBackend, path_from_file_uri
+from .model_files import load_tensors, write_hashed
 from .naming import decode_name, encode_name, parse_round_folder, round_folder
 from .s3 import S3Backend, make_s3_client, parse_s3_uri
-from .tensors import load_tensors, write_hashed
 
 log = logging.getLogger(__name__)
-
-MODEL_FILE = "model.safetensors"
-SERVER_STATE_FILE = "server_state.safetensors"
-STATE_FILE = "state.json"
-COMMIT_FILE = "COMMIT"
-FINAL_FILE = "FINAL"
-FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A committed round whose files checked out when it was read (see the module's doc)."""
-
-    federation: str
-    run: str
-    round: int
-    uri: str
-    state: dict[str, Any]
-    files: dict[str, dict[str, Any]] = field(repr=False)
-    committed_at: str = ""
-
-    @property
-    def model_uri(self) -> str:
-        return f"{self.uri}/{MODEL_FILE}"
-
-    @property
-    def has_server_state(self) -> bool:
-        return SERVER_STATE_FILE in self.files
-
 
 def open_backend(uri: str, *, s3_client=None, s3_settings: Mapping[str, Any] | None = None, **s3_options) -> Backend:
     """The backend for a ``file://`` or ``s3://`` URI."""
@@ -149,7 +132,7 @@ class SnapshotStore:
         is committed already is never overwritten.
         """
         folder = self._round_key(federation, run, round_number)
-        state_bytes = _state_json(state)
+        state_bytes = state_json(state)
         if self.backend.get_bytes(f"{folder}/{COMMIT_FILE}") is not None:
             try:
                 self.get_round(federation, run, round_number)
@@ -171,18 +154,18 @@ class SnapshotStore:
                 tag = self.backend.put_file(f"{folder}/{name}", path, sha256)
                 manifest[name] = {"sha256": sha256, "size": size, "tag": tag}
         self.backend.put_bytes(f"{folder}/{STATE_FILE}", state_bytes)
-        sha256, size = _bytes_digest(state_bytes)
+        sha256, size = bytes_digest(state_bytes)
         manifest[STATE_FILE] = {"sha256": sha256, "size": size}
         commit = {
             "format": FORMAT_VERSION,
             "federation": federation,
             "run": run,
             "round": round_number,
-            "committed_at": _now(),
+            "committed_at": now(),
             "files": manifest,
         }
         # The marker goes last: until it exists, readers do not see the round at all.
-        self.backend.put_bytes(f"{folder}/{COMMIT_FILE}", _json_bytes(commit))
+        self.backend.put_bytes(f"{folder}/{COMMIT_FILE}", json_bytes(commit))
         uri = self.backend.uri(folder)
         log.info("committed %s", uri)
         return uri
@@ -190,8 +173,8 @@ class SnapshotStore:
     def mark_final(self, federation: str, run: str, round_number: int) -> str:
         """Record ``round_number`` (committed, verified) as the final model of ``run``."""
         snapshot = self.get_round(federation, run, round_number)
-        marker = {"round": round_number, "marked_at": _now(), "model_sha256": snapshot.files[MODEL_FILE]["sha256"]}
-        self.backend.put_bytes(f"{self._run_key(federation, run)}/{FINAL_FILE}", _json_bytes(marker))
+        marker = {"round": round_number, "marked_at": now(), "model_sha256": snapshot.files[MODEL_FILE]["sha256"]}
+        self.backend.put_bytes(f"{self._run_key(federation, run)}/{FINAL_FILE}", json_bytes(marker))
         return snapshot.uri
 
     # ---- reading ---------------------------------------------------------------------------
@@ -233,11 +216,11 @@ class SnapshotStore:
         raw = self.backend.get_bytes(f"{folder}/{COMMIT_FILE}")
         if raw is None:
             raise SnapshotCorrupted(f"{where} is not committed")
-        files, committed_at = _parse_commit(raw, where)
+        files, committed_at = parse_commit(raw, where)
         state_raw = self.backend.get_bytes(f"{folder}/{STATE_FILE}")
         if state_raw is None:
             raise SnapshotCorrupted(f"{where}: {STATE_FILE} is missing")
-        _check(where, STATE_FILE, files[STATE_FILE], _bytes_digest(state_raw))
+        check(where, STATE_FILE, files[STATE_FILE], bytes_digest(state_raw))
         for name in sorted(files):
             if name != STATE_FILE:
                 self._check_unchanged(where, f"{folder}/{name}", name, files[name])
@@ -372,7 +355,7 @@ class SnapshotStore:
         if tag is None or tag != expected.get("tag"):
             # Written or replaced by something else since, or committed before tags: only
             # its content can tell.
-            _check(where, name, expected, self.backend.digest(key))
+            check(where, name, expected, self.backend.digest(key))
 
     @contextmanager
     def _fetch(self, snapshot: Snapshot, name: str) -> Iterator[Path]:
@@ -381,58 +364,12 @@ class SnapshotStore:
         expected = snapshot.files[name]
         local = self.backend.local_path(key)
         if local is not None:
-            _check(snapshot.uri, name, expected, self.backend.digest(key))
+            check(snapshot.uri, name, expected, self.backend.digest(key))
             yield local
             return
         with self._staging() as staging:
             path = staging / name
-            _check(snapshot.uri, name, expected, self.backend.download(key, path))  # hashed as it came
+            check(snapshot.uri, name, expected, self.backend.download(key, path))  # hashed as it came
             yield path
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
-
-
-def _json_bytes(doc: Any) -> bytes:
-    return (json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
-
-
-def _state_json(state: Mapping[str, Any]) -> bytes:
-    if not isinstance(state, Mapping):
-        raise ValueError(f"a round's state must be a dict, got {type(state).__name__}")
-    try:
-        return _json_bytes(dict(state))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"a round's state must be plain JSON (tensors go in state_tensors): {exc}") from None
-
-
-def _bytes_digest(data: bytes) -> tuple[str, int]:
-    return hashlib.sha256(data).hexdigest(), len(data)
-
-
-def _parse_commit(raw: bytes, where: str) -> tuple[dict[str, dict], str]:
-    try:
-        commit = json.loads(raw)
-        files = commit["files"]
-        if commit.get("format") != FORMAT_VERSION:
-            raise ValueError(f"unknown format {commit.get('format')!r}")
-        for name in (MODEL_FILE, STATE_FILE):
-            if name not in files:
-                raise ValueError(f"{name} is not listed")
-        for name, entry in files.items():
-            if not (isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int)):
-                raise ValueError(f"entry {name!r} lacks sha256 or size")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise SnapshotCorrupted(f"{where}: {COMMIT_FILE} is damaged: {exc}") from None
-    return files, str(commit.get("committed_at", ""))
-
-
-def _check(where: str, name: str, expected: Mapping[str, Any], actual: tuple[str, int] | None) -> None:
-    if actual is None:
-        raise SnapshotCorrupted(f"{where}: {name} is missing")
-    sha256, size = actual
-    if size != expected["size"]:
-        raise SnapshotCorrupted(f"{where}: {name} is {size} bytes, the commit says {expected['size']}")
-    if sha256 != expected["sha256"]:
-        raise SnapshotCorrupted(f"{where}: {name} does not match its SHA-256 in {COMMIT_FILE}")

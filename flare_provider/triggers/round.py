@@ -9,36 +9,32 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from flare_provider.federation.gather import TERMINAL, GatherPolicy
+from flare_provider.federation.gather import GatherRule, GatherTally
 
 
 class RoundTrigger(BaseTrigger):
-    """Fires when the round's gather rule says stop (see :class:`GatherPolicy`).
+    """Fires when the round's gather rule says stop (see :class:`GatherRule`).
 
-    Only ids and numbers are serialized; the server identity is read from the
-    connection in the triggerer, so no key material lands in the metadata database.
-    The event carries each site's last task state (``TaskInfo.to_dict()``) and
-    ``round_info`` as given (what the operator needs to take the round up again).
+    It carries only what watching needs: the connection id, each site's task id, the rule
+    and the poll interval. The server identity is read from the connection in the
+    triggerer, so no key material lands in the metadata database. The event holds the
+    reason, the task ids it watched, each site's last task state (``TaskState.to_dict()``)
+    under ``tasks`` and the sites that could not be reached under ``errors``; what the
+    operator needs to take the round up again travels in the deferral's own ``kwargs``.
     """
 
     def __init__(
         self,
         flare_conn_id: str,
         task_ids: dict[str, str],
-        min_clients: int,
-        wait_time_after_min_received: float,
-        deadline: float,
+        rule: dict[str, Any],
         poll_interval: float = 2.0,
-        round_info: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.flare_conn_id = flare_conn_id
         self.task_ids = dict(task_ids)
-        self.min_clients = min_clients
-        self.wait_time_after_min_received = wait_time_after_min_received
-        self.deadline = deadline
+        self.rule = GatherRule.from_dict(rule)
         self.poll_interval = poll_interval
-        self.round_info = dict(round_info or {})
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -46,30 +42,25 @@ class RoundTrigger(BaseTrigger):
             {
                 "flare_conn_id": self.flare_conn_id,
                 "task_ids": self.task_ids,
-                "min_clients": self.min_clients,
-                "wait_time_after_min_received": self.wait_time_after_min_received,
-                "deadline": self.deadline,
+                "rule": self.rule.to_dict(),
                 "poll_interval": self.poll_interval,
-                "round_info": self.round_info,
             },
         )
 
     async def _kit(self):
         from flare_provider.hooks.flare import FlareHook
 
-        conn = await FlareHook.aget_connection(self.flare_conn_id)
-        return FlareHook.kit_from_connection(conn)
+        return await FlareHook.aget_kit(self.flare_conn_id)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         kit = await self._kit()
         clients = {site: kit.async_client(site) for site in self.task_ids}
-        policy = GatherPolicy(self.min_clients, self.wait_time_after_min_received, self.deadline)
-        last: dict[str, dict] = {}
+        tally = GatherTally(self.rule, self.task_ids)
+        last: dict[str, Any] = {}
         errors: dict[str, str] = {}
-        succeeded_since = None
         try:
             while True:
-                pending = [s for s in self.task_ids if last.get(s, {}).get("status") not in TERMINAL]
+                pending = [s for s in self.task_ids if not (s in last and last[s].terminal)]
                 answers = await asyncio.gather(
                     *(clients[s].get_task(self.task_ids[s]) for s in pending), return_exceptions=True
                 )
@@ -78,17 +69,19 @@ class RoundTrigger(BaseTrigger):
                         errors[site] = str(answer)  # a site may come back: keep asking until the deadline
                     else:
                         errors.pop(site, None)
-                        last[site] = answer.to_dict()
-                statuses = {s: last.get(s, {}).get("status", "unknown") for s in self.task_ids}
-                done = sum(1 for s in statuses.values() if s == "succeeded")
-                if succeeded_since is None and done >= self.min_clients:
-                    succeeded_since = time.time()
-                reason = policy.done(statuses, succeeded_since, time.time())
+                        last[site] = answer
+                        tally.record(site, answer.status, time.time())
+                reason = tally.verdict(time.time())
                 if reason:
-                    self.log.info("Round tasks: %s (%s)", reason, statuses)
-                    yield TriggerEvent({"reason": reason, "tasks": last, "errors": errors, "round": self.round_info})
+                    self.log.info("Round tasks: %s (%s)", reason, tally.summary())
+                    yield TriggerEvent({
+                        "reason": reason,
+                        "task_ids": self.task_ids,
+                        "tasks": {s: state.to_dict() for s, state in last.items()},
+                        "errors": errors,
+                    })
                     return
-                await asyncio.sleep(self.poll_interval)
+                await asyncio.sleep(min(self.poll_interval, max(0.05, tally.seconds_to_next_check(time.time()))))
         finally:
             for client in clients.values():
                 await client.close()

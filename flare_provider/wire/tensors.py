@@ -64,10 +64,29 @@ class TensorFormatError(ValueError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A stored tensor's dtype (safetensors' name, e.g. ``F32``) and shape."""
+    """A tensor's dtype (safetensors' name, e.g. ``F32``) and shape, without its values."""
 
     dtype: str
     shape: tuple[int, ...]
+
+    @classmethod
+    def of_array(cls, array: np.ndarray) -> "TensorSpec":
+        """The spec of a numpy array; TensorFormatError for a dtype safetensors cannot carry here."""
+        if array.dtype not in _CODES:
+            raise TensorFormatError(f"dtype {array.dtype}, which safetensors files cannot carry here")
+        return cls(_CODES[array.dtype], tuple(int(d) for d in array.shape))
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        """The numpy dtype; KeyError for a code numpy cannot hold (e.g. ``BF16``)."""
+        return SAFETENSORS_DTYPES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * _ITEMSIZE[self.dtype]
+
+    def describe(self) -> str:
+        return f"{self.numpy_dtype.name if self.dtype in SAFETENSORS_DTYPES else self.dtype}{list(self.shape)}"
 
 
 def _check_arrays(tensors: Mapping[str, np.ndarray]) -> None:

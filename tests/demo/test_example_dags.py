@@ -84,7 +84,7 @@ def test_dagbag_loads_every_example_without_errors(dagbag):
 
 
 def test_training_dags_wait_deploy_train(dagbag):
-    from flare_provider.operators.scatter_gather import BUILTIN_AGGREGATORS
+    from flare_provider.aggregation.names import BUILTIN_AGGREGATORS
 
     for dag_id in ("train_federation", "recurring_federation"):
         dag = dagbag.get_dag(dag_id)

@@ -22,7 +22,7 @@ from fed_support import trainings  # tests/federation, put on sys.path by confte
 from harness import AWS_CONN_ID, wait_for
 from s3_server import TEST_KEYS
 
-from flare_provider.federation.engine import RunSpec
+from flare_provider.federation.records import RunSpec
 
 ROUNDS = 3
 KILL_ROUND = 2

@@ -15,7 +15,9 @@ import pytest
 from fed_support import trainings
 
 from flare_provider.client import load_caller_kit
-from flare_provider.federation.engine import FederatedRun, RoundFailed, RunSpec
+from flare_provider.federation.errors import RoundFailed
+from flare_provider.federation.records import RunSpec
+from flare_provider.federation.scatter_gather import ScatterGatherRun
 from flare_provider.snapshots import SnapshotStore
 
 APP = Path(__file__).resolve().parents[2] / "examples" / "apps" / "digits"
@@ -27,11 +29,11 @@ def fed(digits_federation):
     return digits_federation
 
 
-def make_run(fed, tmp_path, **overrides) -> FederatedRun:
+def make_run(fed, tmp_path, **overrides) -> ScatterGatherRun:
     spec = dict(federation="faults", run_id=uuid.uuid4().hex, app_name="digits", sites=fed.sites, num_rounds=2,
                 min_clients=2, wait_time_after_min_received=1.0, train_timeout=120.0)
     spec.update(overrides)
-    return FederatedRun(RunSpec(**spec), load_caller_kit(fed.server_kit), SnapshotStore(f"file://{tmp_path}/snapshots"))
+    return ScatterGatherRun(RunSpec(**spec), load_caller_kit(fed.server_kit), SnapshotStore(f"file://{tmp_path}/snapshots"))
 
 
 def test_site_killed_mid_round_round_completes_and_site_rejoins(fed, tmp_path):
@@ -41,8 +43,8 @@ def test_site_killed_mid_round_round_completes_and_site_rejoins(fed, tmp_path):
         fed.agent("site-3").kill()  # its training is under way
         progress = run.finish_round(progress, flight, run.gather(flight))
         first = progress.history[-1]
-        assert first["accepted"] == ["site-1", "site-2"]
-        assert "site-3" in first["dropped"]
+        assert first.accepted == ["site-1", "site-2"]
+        assert "site-3" in first.dropped
     run_id = run.spec.run_id
 
     fed.agent("site-3").start()
@@ -52,7 +54,7 @@ def test_site_killed_mid_round_round_completes_and_site_rejoins(fed, tmp_path):
         assert progress.round == 1
         flight = run.scatter(progress)
         progress = run.finish_round(progress, flight, run.gather(flight))
-        assert progress.history[-1]["accepted"] == ["site-1", "site-2", "site-3"], progress.history[-1]["dropped"]
+        assert progress.history[-1].accepted == ["site-1", "site-2", "site-3"], progress.history[-1].dropped
     assert run.store.latest("faults", run_id).round == 2
 
 

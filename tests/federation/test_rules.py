@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from flare_provider.federation.engine import RunSpec, weighted_metrics
-from flare_provider.federation.gather import GatherPolicy
+from flare_provider.federation.gather import GatherRule
+from flare_provider.federation.records import RunSpec, weighted_metrics
 from flare_provider.hooks.flare import FlareConnectionError, FlareHook, normalize_pem
 from flare_provider.provisioning import load_project, provision
 
@@ -19,8 +19,8 @@ def spec(**overrides) -> RunSpec:
     return RunSpec(**{**base, **overrides})
 
 
-class TestGatherPolicy:
-    policy = GatherPolicy(min_clients=2, wait_time_after_min_received=5.0, deadline=100.0)
+class TestGatherRule:
+    policy = GatherRule(min_clients=2, wait_time_after_min_received=5.0, deadline=100.0)
 
     def test_waits_while_sites_train(self):
         assert self.policy.done({"a": "running", "b": "queued", "c": "running"}, None, 10.0) is None

@@ -15,8 +15,8 @@ import pytest
 from s3_server import TEST_KEYS
 
 from flare_provider.snapshots import SnapshotStore
-from site_agent.baseline import evaluate_weights, train_local_only
 from site_agent.datasets.digits import write_holdout
+from site_agent.worker.baseline import evaluate_weights, train_local_only
 
 APP = Path(__file__).resolve().parents[2] / "examples" / "apps" / "digits"
 ROUNDS = 5

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from flare_provider.federation.records import read_history
 from flare_provider.plugins.charts import bar_chart, line_chart, nice_range, run_charts, site_colors
 
 
@@ -70,6 +71,6 @@ def test_run_charts_take_what_the_history_has_and_ignore_the_rest():
          "sites": {"a": {"metrics": {"val_accuracy": 0.7}}, "b": {"metrics": {}}}},
         {"round": 2, "duration_s": float("nan"), "metrics": {"val_accuracy": float("inf")}, "sites": "damaged"},
     ]
-    accuracy, durations = run_charts(history, ["val_accuracy"], site_colors(["a", "b"]))
+    accuracy, durations = run_charts(read_history(history), ["val_accuracy"], site_colors(["a", "b"]))
     assert [(s.name, [p.round for p in s.points]) for s in accuracy.series] == [("a", [1]), ("all sites (weighted)", [1])]
     assert [b["round"] for b in durations.bars] == [1]

@@ -15,7 +15,8 @@ import pytest
 from reliability_support import DIGITS_APP, LIVE_SITES, NUM_SITES, deploy
 
 from flare_provider.client import load_caller_kit
-from flare_provider.federation.engine import FederatedRun, RunSpec
+from flare_provider.federation.records import RunSpec
+from flare_provider.federation.scatter_gather import ScatterGatherRun
 from flare_provider.poc import prepare
 from flare_provider.snapshots import SnapshotStore
 from flare_provider.wire.tensors import save_file
@@ -43,7 +44,7 @@ def digits_initial(fed, tmp_path_factory) -> str:
     spec = RunSpec(federation="initial", run_id="initial", app_name="digits", sites=LIVE_SITES[:1],
                    num_rounds=1, min_clients=1)
     folder = tmp_path_factory.mktemp("initial")
-    with FederatedRun(spec, load_caller_kit(fed.server_kit), SnapshotStore(folder.as_uri())) as run:
+    with ScatterGatherRun(spec, load_caller_kit(fed.server_kit), SnapshotStore(folder.as_uri())) as run:
         weights = run.restore().weights
     save_file(weights, folder / "digits.safetensors")
     return str(folder / "digits.safetensors")

@@ -22,7 +22,8 @@ import pytest
 from reliability_support import LIVE_SITES, SPARE_SITES, HostileSite, serve_as_site
 
 from flare_provider.client import load_caller_kit
-from flare_provider.federation.engine import FederatedRun, RunSpec
+from flare_provider.federation.records import RunSpec
+from flare_provider.federation.scatter_gather import ScatterGatherRun
 from flare_provider.snapshots import SnapshotStore
 from flare_provider.wire.tensors import dump_bytes
 
@@ -73,7 +74,7 @@ def one_round(fed, sites, snapshots: str, initial_model: str, logger: logging.Lo
     spec = RunSpec(run_id=uuid.uuid4().hex, sites=tuple(sites), **ROUND)
     store = SnapshotStore(snapshots)
     kit = load_caller_kit(fed.server_kit)
-    with FederatedRun(spec, kit, store, initial_model=initial_model, logger=logger) as run:
+    with ScatterGatherRun(spec, kit, store, initial_model=initial_model, logger=logger) as run:
         progress = run.run_rounds(run.restore())
     return progress, store.latest(spec.federation, spec.run_id), store
 
@@ -112,19 +113,19 @@ def test_bad_update_is_rejected_with_a_clear_reason(case, hostile_round):
     site, problem = HOSTILE[case], BAD_UPDATES[case][1]
     assert "FetchResult" in hostile_round.peers[case].calls, "the crafted result never reached the server"
     record = hostile_round.record
-    assert re.search(f"^update rejected: .*{problem}", record["dropped"][site]), record["dropped"]
-    assert record["sites"][site]["num_samples"] == 0
+    assert re.search(f"^update rejected: .*{problem}", record.dropped[site]), record.dropped
+    assert record.sites[site].num_samples == 0
     logged = [m for m in hostile_round.log if f"Round 1: update from {site} rejected" in m]
     assert len(logged) == 1 and re.search(problem, logged[0]), hostile_round.log
 
 
 def test_round_finishes_with_the_real_sites_and_nothing_of_the_bad_updates(hostile_round, reference):
     record = hostile_round.record
-    assert record["accepted"] == list(LIVE_SITES)
-    assert sorted(record["dropped"]) == sorted(HOSTILE.values())
+    assert record.accepted == list(LIVE_SITES)
+    assert sorted(record.dropped) == sorted(HOSTILE.values())
     # Bit for bit the real sites' model, in memory and as committed; their samples and metrics only.
     for name, expected in reference.weights.items():
         assert np.array_equal(hostile_round.weights[name], expected), name
         assert np.array_equal(hostile_round.committed[name], expected), name
-    assert record["num_samples"] == reference.round["num_samples"]
-    assert record["metrics"] == reference.round["metrics"]
+    assert record.num_samples == reference.round.num_samples
+    assert record.metrics == reference.round.metrics

@@ -1,0 +1,126 @@
+"""A server or admin identity (its certificate and key) and the sites it knows."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..provisioning.kits import ADMIN_CONFIG, SERVER_CONFIG, STARTUP
+from .replies import AgentError, AgentStatus
+
+if TYPE_CHECKING:
+    from .aio import AsyncAgentClient
+    from .sync import AgentClient
+
+
+@dataclass(frozen=True)
+class SiteEndpoint:
+    """Where a site's agent is reached, as provisioning recorded it."""
+
+    name: str
+    host: str
+    port: int
+    org: str = ""
+    gpus: tuple[int, ...] = ()
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def from_dict(cls, name: str, doc: Any) -> "SiteEndpoint":
+        """A site as server kits and connections list it: ``{host, port, org?, gpus?}``.
+
+        Raises KeyError, TypeError or ValueError (callers name the file or connection).
+        """
+        return cls(name, doc["host"], int(doc["port"]), doc.get("org", ""), tuple(doc.get("gpus", ())))
+
+    @classmethod
+    def map_from(cls, sites: Any) -> dict[str, "SiteEndpoint"]:
+        """``{name: SiteEndpoint}`` from ``{name: {host, port, ...}}``."""
+        return {name: cls.from_dict(name, doc) for name, doc in sites.items()}
+
+
+@dataclass(frozen=True)
+class CallerKit:
+    """A server or admin kit: the identity that calls the agents, and the sites it knows."""
+
+    project: str
+    name: str
+    kind: str  # "server" or "admin"
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+    root_ca_pem: bytes = field(repr=False)
+    sites: dict[str, SiteEndpoint] = field(default_factory=dict)
+
+    def client(self, site: str, address: str | None = None, **kwargs: Any) -> "AgentClient":
+        """A client for ``site``, at ``address`` or where the kit says it is."""
+        from .sync import AgentClient
+
+        return AgentClient(site, address or self.endpoint(site).address, self.cert_pem, self.key_pem, self.root_ca_pem, **kwargs)
+
+    def async_client(self, site: str, address: str | None = None, **kwargs: Any) -> "AsyncAgentClient":
+        from .aio import AsyncAgentClient
+
+        return AsyncAgentClient(site, address or self.endpoint(site).address, self.cert_pem, self.key_pem, self.root_ca_pem, **kwargs)
+
+    def site_statuses(self, timeout: float = 5.0, sites: list[str] | None = None) -> dict[str, "AgentStatus | AgentError"]:
+        """Every site's status, or the error reaching it gave; asked all at once, never raising."""
+
+        def probe(site: str) -> AgentStatus | AgentError:
+            with self.client(site, timeout=timeout) as client:
+                try:
+                    return client.status()
+                except AgentError as exc:
+                    return exc
+
+        names = list(self.sites) if sites is None else sites
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(names)))) as pool:
+            return dict(zip(names, pool.map(probe, names), strict=True))
+
+    def endpoint(self, site: str) -> SiteEndpoint:
+        try:
+            return self.sites[site]
+        except KeyError:
+            raise KeyError(f"site {site!r} is not in the {self.kind} kit of {self.name!r} (sites: {sorted(self.sites)})") from None
+
+
+class KitError(ValueError):
+    """A folder that is not a usable server or admin kit."""
+
+
+# The config file of each kind of caller kit; it names its holder under the kind ("server": ...).
+_CALLER_CONFIGS = {"server": SERVER_CONFIG, "admin": ADMIN_CONFIG}
+
+
+def load_caller_kit(kit_dir: str | os.PathLike) -> CallerKit:
+    """Read a server kit (``startup/server.json``) or an admin kit (``startup/admin.json``)."""
+    for kind, config_name in _CALLER_CONFIGS.items():
+        config_path = Path(kit_dir) / STARTUP / config_name
+        if config_path.is_file():
+            return _read_caller_kit(config_path, kind)
+    raise KitError(f"{kit_dir}: neither startup/{SERVER_CONFIG} nor startup/{ADMIN_CONFIG} found; pass a server or admin kit")
+
+
+def _read_caller_kit(config_path: Path, kind: str) -> CallerKit:
+    startup = config_path.parent
+    try:
+        doc = json.loads(config_path.read_text(encoding="utf-8"))
+        sites = SiteEndpoint.map_from(doc.get("sites", {}))
+        return CallerKit(
+            project=doc["project"],
+            name=doc[kind],
+            kind=kind,
+            cert_pem=(startup / doc["cert"]).read_bytes(),
+            key_pem=(startup / doc["key"]).read_bytes(),
+            root_ca_pem=(startup / doc["root_ca"]).read_bytes(),
+            sites=sites,
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise KitError(f"{config_path}: unusable ({type(exc).__name__}: {exc})") from None
+
+

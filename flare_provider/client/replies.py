@@ -1,0 +1,67 @@
+"""What an agent's calls return, and the one error every failed call raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from ..wire import agent_pb2
+from ..wire.task_state import TaskState
+
+
+class AgentError(Exception):
+    """A call to a site's agent failed; ``code`` is the gRPC status code."""
+
+    def __init__(self, site: str, method: str, code: grpc.StatusCode, details: str):
+        self.site = site
+        self.method = method
+        self.code = code
+        self.details = details
+        super().__init__(f"site {site!r}: {method} failed: {code.name}: {details}")
+
+
+
+@dataclass(frozen=True)
+class AppVersion:
+    name: str
+    version: str
+    has_custom_code: bool
+    deployed_at: float
+
+    @classmethod
+    def from_message(cls, m: agent_pb2.AppInfo) -> "AppVersion":
+        return cls(m.name, m.version, m.has_custom_code, m.deployed_at)
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    project: str
+    site: str
+    org: str
+    version: str
+    gpus: list[int]
+    allow_custom_code: bool
+    apps: list[AppVersion]
+    active_tasks: list[TaskState]
+    task_counts: dict[str, int]
+    started_at: float
+    caller: dict[str, str]  # how the agent identified us: name, org, kind, role
+
+    @classmethod
+    def from_message(cls, m: agent_pb2.AgentStatus) -> "AgentStatus":
+        return cls(
+            project=m.project,
+            site=m.site,
+            org=m.org,
+            version=m.version,
+            gpus=list(m.gpus),
+            allow_custom_code=m.allow_custom_code,
+            apps=[AppVersion.from_message(a) for a in m.apps],
+            active_tasks=[TaskState.from_message(t) for t in m.active_tasks],
+            task_counts=dict(m.task_counts),
+            started_at=m.started_at,
+            caller={"name": m.caller.name, "org": m.caller.org, "kind": m.caller.kind, "role": m.caller.role},
+        )
+
+
