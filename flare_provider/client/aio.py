@@ -11,31 +11,20 @@ import grpc.aio
 
 from ..wire import agent_pb2, agent_pb2_grpc
 from ..wire.task_state import TaskState
-from .channel import DEFAULT_TIMEOUT, channel_credentials, channel_options
+from .channel import AgentCaller
 from .kit import load_caller_kit
 from .replies import AgentError, AgentStatus
 
 
-class AsyncAgentClient:
+class AsyncAgentClient(AgentCaller):
     """An asyncio client of one site's agent (grpc.aio), for Airflow triggers.
 
     The channel opens on first use, inside the running event loop.
     """
 
-    def __init__(
-        self,
-        site: str,
-        address: str,
-        cert_pem: bytes,
-        key_pem: bytes,
-        root_ca_pem: bytes,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-    ):
-        self.site = site
-        self.address = address
-        self.timeout = timeout
-        self._credentials = channel_credentials(cert_pem, key_pem, root_ca_pem)
+    def __init__(self, *args: Any, **kwargs: Any):
+        """``AsyncAgentClient(site, address, cert_pem, key_pem, root_ca_pem, timeout=...)``."""
+        super().__init__(*args, **kwargs)
         self._channel: grpc.aio.Channel | None = None
         self._stub: agent_pb2_grpc.FlareAgentStub | None = None
 
@@ -45,7 +34,7 @@ class AsyncAgentClient:
 
     def _agent(self) -> agent_pb2_grpc.FlareAgentStub:
         if self._stub is None:
-            self._channel = grpc.aio.secure_channel(self.address, self._credentials, options=channel_options(self.site))
+            self._channel = grpc.aio.secure_channel(self.address, self._credentials, options=self._options)
             self._stub = agent_pb2_grpc.FlareAgentStub(self._channel)
         return self._stub
 

@@ -33,3 +33,26 @@ def channel_credentials(cert_pem: bytes, key_pem: bytes, root_ca_pem: bytes) -> 
     return grpc.ssl_channel_credentials(root_certificates=root_ca_pem, private_key=key_pem, certificate_chain=cert_pem)
 
 
+
+
+class AgentCaller:
+    """What both clients hold: the site they call, where its agent is, and the caller's TLS identity."""
+
+    def __init__(
+        self,
+        site: str,
+        address: str,
+        cert_pem: bytes,
+        key_pem: bytes,
+        root_ca_pem: bytes,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+    ):
+        self.site = site
+        self.address = address
+        self.timeout = timeout
+        self._credentials = channel_credentials(cert_pem, key_pem, root_ca_pem)
+        self._options = channel_options(site)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(site={self.site!r}, address={self.address!r})"

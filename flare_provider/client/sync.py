@@ -16,38 +16,28 @@ from ..wire.chunks import DEFAULT_CHUNK_SIZE, PayloadError, PayloadTooLarge, rea
 from ..wire.task_state import TaskState
 from .channel import (
     DEFAULT_MAX_RESULT_BYTES,
-    DEFAULT_TIMEOUT,
     DEFAULT_TRANSFER_TIMEOUT,
-    channel_credentials,
-    channel_options,
+    AgentCaller,
 )
 from .kit import load_caller_kit
 from .replies import AgentError, AgentStatus, AppVersion
 
 
-class AgentClient:
+class AgentClient(AgentCaller):
     """A synchronous client of one site's agent. Use as a context manager, or call close()."""
 
     def __init__(
         self,
-        site: str,
-        address: str,
-        cert_pem: bytes,
-        key_pem: bytes,
-        root_ca_pem: bytes,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
+        *args: Any,
         transfer_timeout: float = DEFAULT_TRANSFER_TIMEOUT,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        **kwargs: Any,
     ):
-        self.site = site
-        self.address = address
-        self.timeout = timeout
+        """``AgentClient(site, address, cert_pem, key_pem, root_ca_pem, timeout=...)``."""
+        super().__init__(*args, **kwargs)
         self.transfer_timeout = transfer_timeout
         self.chunk_size = chunk_size
-        self._channel = grpc.secure_channel(
-            address, channel_credentials(cert_pem, key_pem, root_ca_pem), options=channel_options(site)
-        )
+        self._channel = grpc.secure_channel(self.address, self._credentials, options=self._options)
         self._stub = agent_pb2_grpc.FlareAgentStub(self._channel)
 
     @classmethod
@@ -63,9 +53,6 @@ class AgentClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"AgentClient(site={self.site!r}, address={self.address!r})"
 
     @contextmanager
     def _call(self, method: str):

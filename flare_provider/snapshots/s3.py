@@ -156,14 +156,16 @@ class S3Backend(Backend):
     def _key(self, key: str) -> str:
         return "/".join(part for part in (self.prefix, key) if part)
 
-    def _call(self, what: str, key: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with bounded retries of transient failures."""
+    def _call(self, what: str, key: str, fn: Callable[[], T], missing_is_none: bool = False) -> T | None:
+        """Run ``fn`` with bounded retries of transient failures; with ``missing_is_none``, a missing object gives None."""
         for attempt in range(1, self.attempts + 1):
             try:
                 return fn()
             except SnapshotError:
                 raise
             except Exception as exc:
+                if missing_is_none and _is_missing(exc):
+                    return None
                 if not is_transient(exc):
                     raise SnapshotError(f"{self.uri(key)}: cannot {what}: {exc}") from None
                 if attempt == self.attempts:
@@ -193,59 +195,38 @@ class S3Backend(Backend):
         self._call("write", key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
 
     def get_bytes(self, key: str) -> bytes | None:
-        def get() -> bytes | None:
-            try:
-                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            except Exception as exc:
-                if _is_missing(exc):
-                    return None
-                raise
-            return response["Body"].read()
+        def get() -> bytes:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
 
-        return self._call("read", key, get)
+        return self._call("read", key, get, missing_is_none=True)
 
     def download(self, key: str, dest: Path) -> tuple[str, int] | None:
-        def fetch() -> tuple[str, int] | None:
+        def fetch() -> tuple[str, int]:
             with open(dest, "w+b") as f:  # read too: parts written out of order are hashed from it
                 out = _HashingFile(f)
-                try:
-                    self.client.download_fileobj(self.bucket, self._key(key), out, Config=self.transfer_config)
-                except Exception as exc:
-                    if _is_missing(exc):
-                        return None
-                    raise
+                self.client.download_fileobj(self.bucket, self._key(key), out, Config=self.transfer_config)
                 hashed = out.result()
             return hashed or file_digest(dest)
 
-        return self._call("download", key, fetch)
+        return self._call("download", key, fetch, missing_is_none=True)
 
     def stat(self, key: str) -> tuple[int, str | None] | None:
-        def head() -> tuple[int, str | None] | None:
-            try:
-                response = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            except Exception as exc:
-                if _is_missing(exc):
-                    return None
-                raise
+        def head() -> tuple[int, str | None]:
+            response = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             return response["ContentLength"], response.get("Metadata", {}).get(SHA256_METADATA)
 
-        return self._call("read", key, head)
+        return self._call("read", key, head, missing_is_none=True)
 
     def digest(self, key: str) -> tuple[str, int] | None:
-        def stream() -> tuple[str, int] | None:
-            try:
-                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            except Exception as exc:
-                if _is_missing(exc):
-                    return None
-                raise
+        def stream() -> tuple[str, int]:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             digest, size = hashlib.sha256(), 0
             for chunk in response["Body"].iter_chunks(1 << 20):
                 digest.update(chunk)
                 size += len(chunk)
             return digest.hexdigest(), size
 
-        return self._call("read", key, stream)
+        return self._call("read", key, stream, missing_is_none=True)
 
     def _list(self, prefix: str, delimiter: bool) -> tuple[list[str], list[str]]:
         base = self._key(prefix)
