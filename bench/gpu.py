@@ -120,8 +120,8 @@ def bare_run(work: Path, data_dir: Path, app_dir: Path, workload: Workload, devi
                                   "device": device, "result": str(result)}))
     env = dict(os.environ)
     if device == "cpu":
-        # The thread count the agent gives a CPU task (site_agent.tasks: cores / max_concurrent_cpu_tasks,
-        # 2 by default), so that both runs train with the same threads.
+        # The thread count the agent gives a CPU task (site_agent.runtime.processes: cores /
+        # max_concurrent_cpu_tasks, 2 by default), so that both runs train with the same threads.
         threads = str(max(1, (os.cpu_count() or 1) // 2))
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     started = time.time()
@@ -135,7 +135,7 @@ def bare_run(work: Path, data_dir: Path, app_dir: Path, workload: Workload, devi
 def bare_main(config_path: Path) -> None:
     from flare_provider.wire.bundles import load_app_config
     from site_agent.trainer import TaskContext
-    from site_agent.worker import load_trainer_class
+    from site_agent.worker.task_runner import load_trainer_class
 
     config = json.loads(config_path.read_text())
     app_dir = Path(config["app_dir"])

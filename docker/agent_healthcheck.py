@@ -21,7 +21,7 @@ DEFAULT_KIT = "/kit"
 
 def agent_port(kit: Path) -> int:
     """The port the kit's ``agent.json`` tells the agent to listen on."""
-    from site_agent.config import (
+    from site_agent.kit_config import (
         load_agent_config,  # the agent's own reader, so both agree
     )
 

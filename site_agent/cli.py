@@ -18,8 +18,8 @@ from pathlib import Path
 
 from flare_provider.provisioning.signature import KitVerificationError
 
-from .config import DEFAULT_MAX_BUNDLE_BYTES, DEFAULT_MAX_WEIGHTS_BYTES
 from .errors import AgentError
+from .kit_config import DEFAULT_MAX_BUNDLE_BYTES, DEFAULT_MAX_WEIGHTS_BYTES
 
 # LogRecord's own attributes; everything else on a record was passed as ``extra``.
 _RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -59,7 +59,7 @@ def _size(text: str) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from .server import (  # the runtime's imports are heavy; keep --help fast
+    from .service.server import (  # the runtime's imports are heavy; keep --help fast
         Limits,
         SiteAgent,
     )

@@ -33,7 +33,7 @@ from flare_provider.wire.bundles import (
     verify_bundle,
 )
 
-from .errors import UnknownAppError
+from ..errors import UnknownAppError
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 Starting ``python -m site_agent.worker`` afresh costs a new interpreter and its imports
 (hundreds of milliseconds, every task of every round). Instead the agent keeps one
 launcher process that has imported the worker already; for each task it forks a child
-that runs :func:`site_agent.worker.main`. The launcher is single-threaded, so forking it
-is safe, unlike forking the agent with its gRPC threads.
+that runs :func:`site_agent.worker.task_runner.main`. The launcher is single-threaded,
+so forking it is safe, unlike forking the agent with its gRPC threads.
 
 The agent talks to it over a Unix socket pair (``SOCK_SEQPACKET``: one JSON message per
 packet, file descriptors passed alongside):
@@ -129,7 +129,7 @@ class WorkerLauncher:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "site_agent.launcher", str(theirs.fileno()), *self._preload],
+                [sys.executable, "-m", "site_agent.runtime.launcher", str(theirs.fileno()), *self._preload],
                 cwd=self._cwd, env=self._env, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
             )
         except OSError as exc:
@@ -185,7 +185,7 @@ class WorkerLauncher:
 
 def _preload(modules: list[str]) -> None:
     """Import what every task would otherwise import again (the worker; PyTorch by default)."""
-    from . import worker  # noqa: F401
+    from ..worker import task_runner  # noqa: F401
 
     for name in modules:
         try:
@@ -273,9 +273,9 @@ def _fork_worker(message: dict, fds: list[int], sock: socket.socket) -> int:
         torch = sys.modules.get("torch")
         if torch is not None:  # preloaded: its thread pool was sized by the launcher's environment
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
-        from . import worker
+        from ..worker import task_runner
 
-        code = worker.main([message["task_dir"], "--progress-fd", str(progress_fd), "--parent-pid", str(launcher_pid)])
+        code = task_runner.main([message["task_dir"], "--progress-fd", str(progress_fd), "--parent-pid", str(launcher_pid)])
     except BaseException:  # noqa: BLE001 - report anything, then leave without the launcher's clean-up
         import traceback
 

@@ -1,357 +1,39 @@
-"""The site agent's gRPC server: the ``FlareAgent`` service over mutual TLS.
+"""The site agent's gRPC server: the kit verified, the runtime started, the service served over mutual TLS.
 
-Every call is first authorized from the caller's certificate (:mod:`site_agent.auth`),
-then handled by the runtime (app store, task manager), and recorded in the audit log
-whatever its outcome. The runtime's errors become gRPC status codes carrying their
-messages; anything unexpected becomes INTERNAL with a generic message (the details
-go to the agent's log only).
+:class:`SiteAgent` is what ``flare-agent start`` runs: it checks the kit's signature
+before reading anything from it, holds the work folder against a second agent, listens
+(mutual TLS, client certificates of the project's root CA only) and serves
+:class:`~site_agent.service.agent_service.AgentService` over the app store and the task
+manager until it is asked to stop.
 """
 
 from __future__ import annotations
 
 import fcntl
-import functools
-import inspect
-import json
 import logging
 import os
 import threading
-import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
-from flare_provider import __version__
-from flare_provider.provisioning.certs import PeerIdentity
 from flare_provider.provisioning.kits import STARTUP
 from flare_provider.provisioning.signature import require_valid
-from flare_provider.wire import agent_pb2, agent_pb2_grpc
-from flare_provider.wire.chunks import (
-    DEFAULT_CHUNK_SIZE,
-    MAX_MESSAGE_BYTES,
-    PARTIAL_PREFIX,
-    PayloadError,
-    PayloadTooLarge,
-    read_header,
-    receive_payload,
-    send_payload,
-)
+from flare_provider.wire import agent_pb2_grpc
+from flare_provider.wire.chunks import MAX_MESSAGE_BYTES, PARTIAL_PREFIX
 
-from .apps import AppInfo, AppStore
+from ..kit_config import load_agent_config
+from ..runtime.app_store import AppStore
+from ..runtime.task_manager import TaskManager
+from ..site_settings import load_site_settings
+from .agent_service import AgentService, Limits
 from .audit import AUDIT_FILE, AuditLog
-from .auth import Action, Policy, peer_identity
-from .config import (
-    DEFAULT_MAX_BUNDLE_BYTES,
-    DEFAULT_MAX_WEIGHTS_BYTES,
-    AgentConfig,
-    load_agent_config,
-)
-from .errors import (
-    BundleError,
-    InvalidTaskError,
-    NoResultError,
-    TaskRejected,
-    UnknownAppError,
-    UnknownTaskError,
-)
-from .settings import SiteSettings, load_site_settings
-from .tasks import TaskManager, TaskSpec, TaskState
 
 log = logging.getLogger(__name__)
 
 APPS_DIR = "apps"
 LOCK_FILE = "agent.lock"
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "aborted"})
-ACTIVE_STATUSES = ("queued", "running")
-WATCH_POLL_SECONDS = 1.0  # how often a watch re-checks for shutdown and a vanished caller
-
-# The runtime's errors, most specific first, and the gRPC code each one becomes.
-_STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (PayloadError, grpc.StatusCode.INVALID_ARGUMENT),
-    (BundleError, grpc.StatusCode.INVALID_ARGUMENT),
-    (InvalidTaskError, grpc.StatusCode.INVALID_ARGUMENT),
-    (UnknownAppError, grpc.StatusCode.NOT_FOUND),
-    (UnknownTaskError, grpc.StatusCode.NOT_FOUND),
-    (TaskRejected, grpc.StatusCode.FAILED_PRECONDITION),
-    (NoResultError, grpc.StatusCode.FAILED_PRECONDITION),
-)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one caller may upload, and the chunk size the agent sends with."""
-
-    max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES
-    max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-
-
-@dataclass
-class _Call:
-    """One RPC in flight: who called, and what it concerned (for the audit log)."""
-
-    method: str
-    who: PeerIdentity
-    peer: str
-    what: dict[str, str] = field(default_factory=dict)
-
-
-def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    for error_type, code in _STATUS_CODES:
-        if isinstance(exc, error_type):
-            return code, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error in the agent ({type(exc).__name__}); the site's agent log has the details"
-
-
-def _rpc(action: Action):
-    """Authorize, audit and map errors around one servicer method.
-
-    The method receives the :class:`_Call` as an extra argument and may add to
-    ``call.what`` (task id, app) as it learns them.
-    """
-
-    def decorate(handler):
-        method = handler.__name__
-
-        if inspect.isgeneratorfunction(handler):
-
-            @functools.wraps(handler)
-            def streaming(self: AgentService, request, context: grpc.ServicerContext):
-                call = self._authorize(method, action, request, context)
-                try:
-                    yield from handler(self, request, context, call)
-                except GeneratorExit:  # the caller went away or its deadline passed
-                    self._audit(call, "cancelled")
-                    raise
-                except Exception as exc:
-                    self._fail(call, exc, context)
-                self._audit(call, "ok")
-
-            return streaming
-
-        @functools.wraps(handler)
-        def unary(self: AgentService, request, context: grpc.ServicerContext):
-            call = self._authorize(method, action, request, context)
-            try:
-                reply = handler(self, request, context, call)
-            except Exception as exc:
-                self._fail(call, exc, context)
-            self._audit(call, "ok")
-            return reply
-
-        return unary
-
-    return decorate
-
-
-def task_state_message(state: TaskState) -> agent_pb2.TaskState:
-    message = agent_pb2.TaskState(
-        task_id=state.task_id,
-        app_name=state.app_name,
-        app_version=state.app_version,
-        round=state.round,
-        kind=state.kind,
-        status=state.status,
-        progress=state.progress,
-        metrics=state.metrics,
-        gpus=state.gpus,
-        num_samples=state.num_samples,
-        result_available=state.result_available,
-        seq=state.seq,
-        created_at=state.created_at,
-    )
-    for name in ("error", "started_at", "finished_at"):
-        if getattr(state, name) is not None:
-            setattr(message, name, getattr(state, name))
-    return message
-
-
-def app_info_message(info: AppInfo) -> agent_pb2.AppInfo:
-    return agent_pb2.AppInfo(
-        name=info.name, version=info.version, has_custom_code=info.has_custom_code, deployed_at=info.deployed_at
-    )
-
-
-class AgentService(agent_pb2_grpc.FlareAgentServicer):
-    """The ``FlareAgent`` service of one site."""
-
-    def __init__(
-        self,
-        config: AgentConfig,
-        settings: SiteSettings,
-        apps: AppStore,
-        tasks: TaskManager,
-        audit: AuditLog,
-        limits: Limits,
-        request_shutdown,
-    ):
-        self.config = config
-        self.settings = settings
-        self.apps = apps
-        self.tasks = tasks
-        self.audit = audit
-        self.limits = limits
-        self.policy = Policy(server_name=config.server, site_org=config.org)
-        self.started_at = time.time()
-        self.stopping = threading.Event()
-        self._request_shutdown = request_shutdown
-
-    # ---- the frame around every call -------------------------------------------------
-
-    def _authorize(self, method: str, action: Action, request, context: grpc.ServicerContext) -> _Call:
-        call = _Call(method=method, who=peer_identity(context), peer=context.peer())
-        task_id = getattr(request, "task_id", "")  # unary requests name their task up front
-        if task_id:
-            call.what["task_id"] = task_id
-        decision = self.policy.decide(call.who, action)
-        if not decision.allowed:
-            message = f"{method} refused for {call.who.name or 'an unnamed caller'}: {decision.reason}"
-            self._audit(call, "denied", decision.reason)
-            log.warning(message, extra={"method": method, **call.what})
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
-        return call
-
-    def _fail(self, call: _Call, exc: Exception, context: grpc.ServicerContext):
-        code, message = _status_of(exc)
-        if code is grpc.StatusCode.INTERNAL:
-            log.exception("%s failed", call.method, extra={"method": call.method, **call.what})
-        else:
-            log.info("%s refused: %s", call.method, message, extra={"method": call.method, **call.what})
-        self._audit(call, code.name, message)
-        context.abort(code, message)
-
-    def _audit(self, call: _Call, outcome: str, detail: str = "") -> None:
-        self.audit.record(call.who, call.peer, call.method, outcome, detail, **call.what)
-
-    # ---- status ------------------------------------------------------------------------
-
-    @_rpc(Action.STATUS)
-    def GetStatus(self, request, context, call):
-        tasks = self.tasks.list()
-        who = call.who
-        return agent_pb2.AgentStatus(
-            project=self.config.project,
-            site=self.config.site,
-            org=self.config.org,
-            version=__version__,
-            gpus=self.settings.gpus,
-            allow_custom_code=self.settings.allow_custom_code,
-            apps=[app_info_message(info) for info in self.apps.list()],
-            active_tasks=[task_state_message(t) for t in tasks if t.status in ACTIVE_STATUSES],
-            task_counts=Counter(t.status for t in tasks),
-            started_at=self.started_at,
-            caller=agent_pb2.Identity(name=who.name, org=who.org, kind=who.kind, role=who.role or ""),
-        )
-
-    # ---- apps --------------------------------------------------------------------------
-
-    @_rpc(Action.DEPLOY)
-    def DeployApp(self, request_iterator, context, call):
-        messages = iter(request_iterator)
-        header = read_header(messages, "app bundle")
-        bundle = receive_payload(
-            messages, header.payload_size, self.tasks.incoming_dir, self.limits.max_bundle_bytes, "app bundle"
-        )
-        try:
-            info, newly = self.apps.deploy(bundle)
-        finally:
-            bundle.unlink(missing_ok=True)
-        call.what["app"] = f"{info.name}@{info.version}"
-        return agent_pb2.DeployAppReply(app=app_info_message(info), newly_deployed=newly)
-
-    # ---- tasks -------------------------------------------------------------------------
-
-    @_rpc(Action.SUBMIT)
-    def SubmitTask(self, request_iterator, context, call):
-        messages = iter(request_iterator)
-        header = read_header(messages, "task submission")
-        call.what.update(task_id=header.task_id, app=header.app_name)
-        spec = self._task_spec(header, call.who)
-        try:
-            # A known task is answered before its weights are read: a retried submit
-            # costs one round trip, not another upload of the model.
-            return agent_pb2.SubmitTaskReply(state=task_state_message(self.tasks.get(spec.task_id)), created=False)
-        except UnknownTaskError:
-            pass
-        what = f"global weights of task {spec.task_id}"
-        weights = receive_payload(messages, header.payload_size, self.tasks.incoming_dir, self.limits.max_weights_bytes, what)
-        try:
-            state, created = self.tasks.submit(spec, weights)  # checks the safetensors layout first
-        finally:
-            weights.unlink(missing_ok=True)  # moved into the task's folder unless refused
-        return agent_pb2.SubmitTaskReply(state=task_state_message(state), created=created)
-
-    @staticmethod
-    def _task_spec(header: agent_pb2.SubmitTaskHeader, who: PeerIdentity) -> TaskSpec:
-        try:
-            config = json.loads(header.config_json) if header.config_json else {}
-        except ValueError as exc:
-            raise InvalidTaskError(f"task {header.task_id}: config is not valid JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise InvalidTaskError(f"task {header.task_id}: config must be a JSON object, got {type(config).__name__}")
-        return TaskSpec(
-            task_id=header.task_id,
-            app_name=header.app_name,
-            app_version=header.app_version if header.HasField("app_version") else None,
-            round=header.round,
-            kind=header.kind or "train",
-            config=config,
-            num_gpus=header.num_gpus if header.HasField("num_gpus") else None,
-            requested_by=who.name,
-        )
-
-    @_rpc(Action.READ_TASK)
-    def GetTask(self, request, context, call):
-        return task_state_message(self.tasks.get(request.task_id))
-
-    @_rpc(Action.READ_TASK)
-    def WatchTask(self, request, context, call):
-        after = request.after_seq
-        state = self.tasks.get(request.task_id)
-        while True:
-            if state.seq > after:
-                yield task_state_message(state)
-                after = state.seq
-            if state.status in TERMINAL_STATUSES or self.stopping.is_set() or not context.is_active():
-                return
-            remaining = context.time_remaining()
-            timeout = WATCH_POLL_SECONDS if remaining is None else max(0.0, min(WATCH_POLL_SECONDS, remaining))
-            state = self.tasks.wait(request.task_id, after, timeout)
-
-    @_rpc(Action.FETCH)
-    def FetchResult(self, request, context, call):
-        path, state = self.tasks.result_file(request.task_id)
-        # Send from the open file: an acknowledge meanwhile cannot cut the transfer short.
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            header = agent_pb2.FetchResultHeader(state=task_state_message(state))
-            yield from send_payload(agent_pb2.FetchResultReply, header, f, self.limits.chunk_size, size)
-        log.info("result of task %s sent (%d bytes)", request.task_id, size, extra={"task_id": request.task_id})
-
-    @_rpc(Action.ACKNOWLEDGE)
-    def AcknowledgeResult(self, request, context, call):
-        self.tasks.acknowledge(request.task_id)
-        log.info("result of task %s acknowledged", request.task_id, extra={"task_id": request.task_id})
-        return agent_pb2.AcknowledgeResultReply()
-
-    @_rpc(Action.ABORT)
-    def AbortTask(self, request, context, call):
-        state = self.tasks.abort(request.task_id)
-        log.info("task %s aborted by %s", request.task_id, call.who.name, extra={"task_id": request.task_id})
-        return task_state_message(state)
-
-    # ---- the agent ---------------------------------------------------------------------
-
-    @_rpc(Action.SHUTDOWN)
-    def Shutdown(self, request, context, call):
-        reason = request.reason or "no reason given"
-        call.what["reason"] = reason
-        self._request_shutdown(f"Shutdown requested by {call.who.name}: {reason}")
-        return agent_pb2.ShutdownReply()
 
 
 class SiteAgent:

@@ -15,9 +15,9 @@ from typing import Any
 
 from flare_provider.wire.bundles import load_app_config
 
-from .trainer import EvalResult, TaskContext
+from ..trainer import EvalResult, TaskContext
+from .task_runner import load_trainer_class
 from .weights import convert_weights
-from .worker import load_trainer_class
 
 
 def _trainer(app_dir: Path):

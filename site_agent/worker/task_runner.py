@@ -31,8 +31,8 @@ from flare_provider.wire.bundles import (
 )
 from flare_provider.wire.tensors import RESULT_KIND_KEY
 
-from .task_store import TaskPaths, write_json_atomic
-from .trainer import EvalResult, TaskContext, TrainResult
+from ..runtime.task_folder import TaskPaths, write_json_atomic
+from ..trainer import EvalResult, TaskContext, TrainResult
 from .weights import (
     WeightsError,
     check_update,

@@ -152,7 +152,7 @@ def save_weights(path: Path, weights: Mapping[str, Any], metadata: dict[str, str
 
 def finite_metrics(metrics: Any, what: str) -> dict[str, float]:
     """Metrics as ``{name: float}``; raises :class:`WeightsError` for anything else or a NaN."""
-    from .trainer import as_number
+    from ..trainer import as_number
 
     if not isinstance(metrics, Mapping):
         raise WeightsError(f"{what} must be a dict of name -> number")

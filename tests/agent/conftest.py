@@ -26,8 +26,8 @@ from flare_provider import poc
 from flare_provider.client import AgentClient, load_caller_kit
 from flare_provider.provisioning import load_project, provision
 from flare_provider.wire.bundles import build_bundle
-from site_agent.audit import AUDIT_FILE, read_audit_log
-from site_agent.tasks import worker_processes
+from site_agent.runtime.processes import worker_processes
+from site_agent.service.audit import AUDIT_FILE, read_audit_log
 
 SERVER = "fl-server"
 SITES = {"site-1": "org_a", "site-2": "org_b"}

@@ -12,10 +12,11 @@ import numpy as np
 from flare_provider.provisioning import load_project, provision
 from flare_provider.provisioning.certs import Identity
 from flare_provider.wire.bundles import build_bundle
-from site_agent.apps import AppStore
-from site_agent.settings import SiteSettings
-from site_agent.tasks import TERMINAL, TaskManager, TaskState
-from site_agent.weights import save_weights
+from flare_provider.wire.task_state import TERMINAL_STATUSES, TaskState
+from site_agent.runtime.app_store import AppStore
+from site_agent.runtime.task_manager import TaskManager
+from site_agent.site_settings import SiteSettings
+from site_agent.worker.weights import save_weights
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_APPS = REPO / "examples" / "apps"
@@ -151,7 +152,7 @@ def wait_until(tasks: TaskManager, task_id: str, statuses: tuple[str, ...], time
 
 
 def wait_finished(tasks: TaskManager, task_id: str, timeout: float = 60) -> TaskState:
-    return wait_until(tasks, task_id, TERMINAL, timeout)
+    return wait_until(tasks, task_id, TERMINAL_STATUSES, timeout)
 
 
 def read_events(data_dir: Path) -> list[dict]:

@@ -26,7 +26,7 @@ from flare_provider.wire.bundles import (
     content_hash,
     read_bundle_manifest,
 )
-from site_agent.apps import AppStore
+from site_agent.runtime.app_store import AppStore
 from site_agent.errors import UnknownAppError
 
 

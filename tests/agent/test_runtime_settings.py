@@ -8,7 +8,7 @@ import pytest
 from runtime_support import OTHER_SITE, SITE, provision_federation
 
 from site_agent.errors import SettingsError
-from site_agent.settings import load_site_settings, site_settings_path
+from site_agent.site_settings import load_site_settings, site_settings_path
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,9 @@ from runtime_support import (
 from safetensors.numpy import load_file
 
 from site_agent.errors import InvalidTaskError, NoResultError, TaskRejected, UnknownAppError, UnknownTaskError
-from site_agent.tasks import TaskManager, TaskSpec
-from site_agent.worker import RESULT_KIND_KEY
+from site_agent.runtime.task_manager import TaskManager
+from site_agent.runtime.task_records import TaskSpec
+from site_agent.worker.task_runner import RESULT_KIND_KEY
 
 
 @pytest.fixture(scope="module")
@@ -310,10 +311,11 @@ AGENT_SCRIPT = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import numpy as np
-    from site_agent.apps import AppStore
-    from site_agent.settings import SiteSettings
-    from site_agent.tasks import TaskManager, TaskSpec
-    from site_agent.weights import save_weights
+    from site_agent.runtime.app_store import AppStore
+    from site_agent.runtime.task_manager import TaskManager
+    from site_agent.runtime.task_records import TaskSpec
+    from site_agent.site_settings import SiteSettings
+    from site_agent.worker.weights import save_weights
 
     store_root, root_ca, base = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes(), Path(sys.argv[3])
     settings = SiteSettings(data_dir=base / "data", work_dir=base / "work", gpus=(), allow_custom_code=True,

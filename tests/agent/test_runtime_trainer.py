@@ -22,11 +22,12 @@ from safetensors.torch import load_file
 
 from site_agent.datasets.digits import holdout_set, load_digits_arrays, write_site_partitions
 from site_agent.errors import TaskRejected
-from site_agent.tasks import TaskManager, TaskSpec
+from site_agent.runtime.task_manager import TaskManager
+from site_agent.runtime.task_records import TaskSpec
 from site_agent.trainer import TaskContext
 from site_agent.trainers.pytorch import ClassifierTrainer, build_model
-from site_agent.weights import save_weights
-from site_agent.worker import RESULT_KIND_KEY
+from site_agent.worker.task_runner import RESULT_KIND_KEY
+from site_agent.worker.weights import save_weights
 
 DIGITS_ARGS = yaml.safe_load((EXAMPLE_APPS / "digits" / "app.yaml").read_text())["trainer"]["args"]
 GPUS = (0,) if torch.cuda.is_available() else ()  # on a GPU machine the same tests run on CUDA

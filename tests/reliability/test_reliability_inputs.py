@@ -26,7 +26,7 @@ from reliability_support import (
 )
 
 from flare_provider.client import AgentClient, AgentError, load_caller_kit
-from site_agent.audit import AUDIT_FILE, read_audit_log
+from site_agent.service.audit import AUDIT_FILE, read_audit_log
 
 EXPIRED = (-30, -1)  # valid from 30 days ago until yesterday, in days from now
 CURRENT = (-1, 1)
