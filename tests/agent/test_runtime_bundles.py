@@ -26,8 +26,8 @@ from flare_provider.wire.bundles import (
     content_hash,
     read_bundle_manifest,
 )
-from site_agent.runtime.app_store import AppStore
 from site_agent.errors import UnknownAppError
+from site_agent.runtime.app_store import AppStore
 
 
 @pytest.fixture(scope="module")
