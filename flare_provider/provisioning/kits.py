@@ -1,4 +1,8 @@
-"""Writing one participant's startup kit: ``<participant>/startup`` (signed) and ``local/``."""
+"""The files of a participant's startup kit: ``<participant>/startup`` (signed) and ``local/``.
+
+Each writer adds one part of a kit; the provisioning steps (:mod:`.steps`) call them in order:
+the identity first, then the files of the participant's kind, the signature last.
+"""
 
 from __future__ import annotations
 
@@ -59,31 +63,32 @@ def site_endpoints(project: Project) -> dict[str, dict]:
     }
 
 
-def write_kit(
-    kit_dir: Path, project: Project, participant: Participant, identity: Identity, root: Identity
-) -> None:
-    """Create ``kit_dir`` with the participant's files and sign its startup folder."""
+def write_identity(kit_dir: Path, participant: Participant, identity: Identity, root: Identity) -> None:
+    """Create ``kit_dir/startup`` with the participant's certificate and key and the root CA."""
     startup = kit_dir / STARTUP
     startup.mkdir(parents=True)
     _write(startup / cert_file(participant.name), identity.cert_pem)
     _write(startup / key_file(participant.name), identity.key_pem, 0o600)
     _write(startup / ROOT_CA_FILE, root.cert_pem)
-    common = {
+
+
+def sign_kit(kit_dir: Path, root: Identity) -> None:
+    """Sign the kit's ``startup/`` as it is now; any later change there is caught."""
+    sign_folder(kit_dir / STARTUP, root)
+
+
+def _common_values(project: Project, participant: Participant, root: Identity) -> dict[str, str]:
+    """What every kit's templates are filled with."""
+    return {
         "project": project.name,
         "org": participant.org,
         "root_fingerprint": root.fingerprint,
         "site": participant.name,
     }
-    if participant.type == "client":
-        _write_client(kit_dir, project, participant, root, common)
-    elif participant.type == "server":
-        _write_server(startup, project, participant, identity, root, common)
-    else:
-        _write_admin(startup, project, participant, root, common)
-    sign_folder(startup, root)
 
 
-def _write_client(kit_dir: Path, project: Project, site: Participant, root: Identity, common: dict) -> None:
+def write_client_kit(kit_dir: Path, project: Project, site: Participant, root: Identity) -> None:
+    """A site's agent configuration, scripts and readme in ``startup/``, its settings in ``local/``."""
     startup = kit_dir / STARTUP
     config = {
         "project": project.name,
@@ -99,7 +104,12 @@ def _write_client(kit_dir: Path, project: Project, site: Participant, root: Iden
         "root_fingerprint": root.fingerprint,
     }
     _write_json(startup / AGENT_CONFIG, config)
-    values = {**common, "port": site.agent_port, "agent_host": site.agent_host, "docker_image": project.docker_image}
+    values = {
+        **_common_values(project, site, root),
+        "port": site.agent_port,
+        "agent_host": site.agent_host,
+        "docker_image": project.docker_image,
+    }
     _write(startup / "start.sh", _template("start.sh").substitute(values), 0o755)
     _write(startup / "stop.sh", _template("stop.sh").substitute(values), 0o755)
     docker_line = ""
@@ -120,9 +130,9 @@ def _write_client(kit_dir: Path, project: Project, site: Participant, root: Iden
     _write(local / SITE_SETTINGS, settings)
 
 
-def _write_server(
-    startup: Path, project: Project, server: Participant, identity: Identity, root: Identity, common: dict
-) -> None:
+def write_server_kit(kit_dir: Path, project: Project, server: Participant, identity: Identity, root: Identity) -> None:
+    """The server's configuration, its Airflow connection (private key included) and readme."""
+    startup = kit_dir / STARTUP
     sites = site_endpoints(project)
     config = {
         "project": project.name,
@@ -156,11 +166,15 @@ def _write_server(
     _write_json(startup / CONNECTIONS_FILE, connection, 0o600)
     _write(
         startup / "readme.txt",
-        _template("readme_server.txt").substitute(common, server=server.name, conn_id=conn_id),
+        _template("readme_server.txt").substitute(
+            _common_values(project, server, root), server=server.name, conn_id=conn_id
+        ),
     )
 
 
-def _write_admin(startup: Path, project: Project, admin: Participant, root: Identity, common: dict) -> None:
+def write_admin_kit(kit_dir: Path, project: Project, admin: Participant, root: Identity) -> None:
+    """An admin's configuration (role and the sites it may call) and readme."""
+    startup = kit_dir / STARTUP
     config = {
         "project": project.name,
         "admin": admin.name,
@@ -177,6 +191,9 @@ def _write_admin(startup: Path, project: Project, admin: Participant, root: Iden
     _write(
         startup / "readme.txt",
         _template("readme_admin.txt").substitute(
-            common, admin=admin.name, role=admin.role, admin_kit_hint=f"<path to>/{admin.name}"
+            _common_values(project, admin, root),
+            admin=admin.name,
+            role=admin.role,
+            admin_kit_hint=f"<path to>/{admin.name}",
         ),
     )

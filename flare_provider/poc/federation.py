@@ -14,13 +14,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .client import AgentClient, AgentError, load_caller_kit
-from .provisioning import load_project, provision
-from .provisioning.kits import CONNECTIONS_FILE, STARTUP, connection_id
+from ..client import AgentClient, AgentError, load_caller_kit
+from ..provisioning import load_project, provision
+from ..provisioning.kits import CONNECTIONS_FILE, STARTUP, connection_id
+from .processes import ProcessError, tail, wait_for
 
 SERVER = "airflow-server"
 ADMIN = "admin@poc.local"
@@ -28,9 +28,13 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 
 
-def free_port() -> int:
+def free_port(preferred: int | None = None) -> int:
+    """A port free on 127.0.0.1: ``preferred`` when it is free, else any."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        try:
+            s.bind(("127.0.0.1", preferred or 0))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
@@ -78,7 +82,7 @@ class LocalFederation:
 
     def deploy_app(self, app_dir: str | os.PathLike) -> str:
         """Sign ``app_dir`` with the server identity and deploy it to every site; its version."""
-        from .wire.bundles import build_bundle
+        from ..wire.bundles import build_bundle
 
         kit = load_caller_kit(self.server_kit)
         bundle = build_bundle(Path(app_dir), kit.cert_pem, kit.key_pem)
@@ -166,18 +170,18 @@ class AgentProcess:
         return self
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
         with load_caller_kit(self.caller_kit).client(self.site, timeout=2.0) as client:
-            while True:
+            def answers() -> bool:
                 if self.proc is None or self.proc.poll() is not None:
-                    raise RuntimeError(f"agent of {self.site} exited with {self.proc and self.proc.returncode}:\n{self.log_tail()}")
+                    code = self.proc and self.proc.returncode
+                    raise ProcessError(f"agent of {self.site} exited with {code}:\n{self.log_tail()}")
                 try:
                     client.status()
-                    return
+                    return True
                 except AgentError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"agent of {self.site} did not answer in {timeout} s:\n{self.log_tail()}") from None
-                    time.sleep(0.2)
+                    return False
+
+            wait_for(f"agent of {self.site} answering", answers, timeout, details=self.log_tail)
 
     def stop(self) -> int:
         """SIGTERM, then wait for the clean shutdown."""
@@ -197,7 +201,4 @@ class AgentProcess:
             self.proc.wait(STOP_TIMEOUT)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return tail(self.log_path, lines)
