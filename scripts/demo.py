@@ -182,13 +182,12 @@ def wait_for_airflow(settings: Settings, airflow: LocalAirflow) -> None:
 
 
 def round_record(snapshot) -> dict[str, Any]:
-    """What the demo shows of a committed round, read from the last record of its snapshot's history.
+    """What the demo shows of a committed round: the last record of its snapshot's history."""
+    from flare_provider.federation.records import read_history
 
-    The one place that knows the history's format.
-    """
-    record = snapshot.state["history"][-1]
-    return {"sites": record["accepted"], "num_samples": record["num_samples"], "duration_s": record["duration_s"],
-            "site_metrics": record["metrics"]}
+    record = read_history(snapshot.state.get("history"))[-1]
+    return {"sites": record.accepted, "num_samples": record.num_samples, "duration_s": record.duration_s,
+            "site_metrics": record.metrics}
 
 
 class RoundWatcher:
