@@ -15,11 +15,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from flare_provider.client import AgentClient, CallerKit
 from flare_provider.poc import LocalFederation, prepare
-from flare_provider.provisioning.kits import LOCAL, SITE_SETTINGS
 
 REPO = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "apps"
@@ -197,21 +194,13 @@ class Section:
 # ---- a local federation -------------------------------------------------------------------
 
 
-def set_site_settings(kit: Path, **changes: object) -> None:
-    """Change a site's own settings (``local/site.yaml``, outside the signed part of its kit)."""
-    path = Path(kit) / LOCAL / SITE_SETTINGS
-    settings = yaml.safe_load(path.read_text())
-    settings.update(changes)
-    path.write_text(yaml.safe_dump(settings, sort_keys=False))
-
-
 @contextlib.contextmanager
 def local_federation(root: Path, name: str, num_sites: int, *, gpus: tuple[int, ...] = ()) -> Iterator[LocalFederation]:
     """``num_sites`` agents on loopback (mutual TLS) whose sites run apps' custom code; stopped on exit."""
     fed = prepare(root, name, num_sites, digits_data=False)
     for site in fed.sites:
         # The benchmark apps bring their own trainer: each site opts in, as a site's IT would.
-        set_site_settings(fed.kits[site], allow_custom_code=True, gpus=list(gpus))
+        fed.set_site_settings(site, allow_custom_code=True, gpus=list(gpus))
         fed.data_dir(site).mkdir(exist_ok=True)
     try:
         fed.start_agents()

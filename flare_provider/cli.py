@@ -4,26 +4,35 @@
     flare kit verify DIR [--root-fingerprint SHA256]
     flare kit unpack PACKAGE [-d DEST] [--password PW]
     flare status --kit KIT [--timeout SECONDS]
+    flare relay start --kit DIR [--host H] [--port N] [--root-fingerprint SHA256]
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import json
+import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .provisioning import (
     GENERATE,
+    KitVerificationError,
     ProjectError,
     WorkspaceStateError,
     load_project,
     provision,
+    require_valid,
     verify_folder,
 )
-from .provisioning.kits import STARTUP
+from .provisioning.kits import SERVER_CONFIG, STARTUP
 from .provisioning.packages import PackageError, is_encrypted, unpack
+
+if TYPE_CHECKING:
+    from .relay.tls import TlsIdentity
 
 PASSWORD_ENV = "FLARE_KIT_PASSWORD"
 
@@ -115,6 +124,66 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(not isinstance(r, AgentError) for r in results.values()) else 1
 
 
+class RelayKitError(ValueError):
+    """A folder that is no usable server kit for a relay."""
+
+
+def _relay_settings(kit: Path, args: argparse.Namespace) -> tuple[str, TlsIdentity, str, int]:
+    """(name, TLS identity, host, port) of a verified server kit's relay; the flags win over server.json."""
+    from .relay.tls import TlsIdentity  # TLS only when a relay runs
+
+    config_path = kit / STARTUP / SERVER_CONFIG
+    startup = config_path.parent
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        listen = config.get("relay") or {}
+        port = args.port if args.port is not None else listen.get("port")
+        if port is None:
+            raise RelayKitError(f"{config_path} names no relay port (a kit from before relays): pass --port")
+        identity = TlsIdentity(
+            (startup / config["cert"]).read_bytes(),
+            (startup / config["key"]).read_bytes(),
+            (startup / config["root_ca"]).read_bytes(),
+        )
+        identity.context(server_side=True)  # a bad certificate or key is named here, not as a listening error
+        return config["server"], identity, args.host or listen.get("host", "0.0.0.0"), int(port)
+    except FileNotFoundError as exc:
+        if not config_path.is_file():
+            raise RelayKitError(f"{config_path} not found: a relay starts from a server participant's kit") from None
+        raise RelayKitError(f"{config_path}: {exc.filename} is missing") from None
+    except KeyError as exc:
+        raise RelayKitError(f"{config_path}: {exc} is missing") from None
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise RelayKitError(f"{config_path}: unusable ({type(exc).__name__}: {exc})") from None
+
+
+def cmd_relay_start(args: argparse.Namespace) -> int:
+    """Serve a server participant's relay until SIGTERM or Ctrl-C."""
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    kit = Path(args.kit).resolve()
+    try:
+        # Nothing from the kit is used before its signature checks out.
+        require_valid(kit / STARTUP, args.root_fingerprint)
+    except KitVerificationError as exc:
+        print(f"error: refusing to start the relay: {exc}", file=sys.stderr)
+        return 1
+    try:
+        name, identity, host, port = _relay_settings(kit, args)
+    except RelayKitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .relay.server import run_relay
+
+    try:
+        run_relay(name, identity, host, port)
+    except OSError as exc:  # the port is taken or the address is not this machine's
+        print(f"error: relay {name} cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flare", description="Federated learning on Apache Airflow")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--kit", required=True, help="a server or admin kit folder")
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each site (default 5)")
     st.set_defaults(func=cmd_status)
+
+    relay = sub.add_parser("relay", help="run a server participant's relay")
+    relay = relay.add_subparsers(dest="relay_command", required=True)
+    rs = relay.add_parser("start", help="verify the server kit and serve its relay (in the foreground) until SIGTERM")
+    rs.add_argument("--kit", required=True, help="a server participant's kit folder")
+    rs.add_argument("--host", help="address to listen on (default: server.json's relay host, 0.0.0.0)")
+    rs.add_argument("--port", type=int, help="port to listen on (default: server.json's relay port: fed_learn_port)")
+    rs.add_argument("--root-fingerprint", help="refuse a kit whose root CA has another SHA-256 fingerprint")
+    rs.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    rs.set_defaults(func=cmd_relay_start)
     return parser
 
 

@@ -152,6 +152,7 @@ def write_pids(settings: Settings, airflow: LocalAirflow, fed: LocalFederation) 
     """Every process the demo started, for whoever has to clean up after a hard kill."""
     pids = airflow.pids()
     pids.update({f"agent {site}": a.proc.pid for site, a in fed.agents.items() if a.proc is not None})
+    pids.update({f"relay {name}": r.pid for name, r in fed.relays.items() if r.pid is not None})
     write_json(settings.work / "processes.json", pids)
 
 
@@ -347,9 +348,10 @@ def main() -> int:
     code = 0
     try:
         step(f"Provisioning project {PROJECT!r} with {NUM_SITES} sites (non-IID digits data) in {settings.work} ...")
-        fed = prepare(settings.work / "federation", PROJECT, NUM_SITES, digits_data=True)
-        ports = ", ".join(str(fed.ports[s]) for s in fed.sites)
-        step(f"Starting the site agents on 127.0.0.1 ports {ports} (mutual TLS) ...")
+        fed = prepare(settings.work / "federation", PROJECT, NUM_SITES, digits_data=True, connect="outbound")
+        relays = ", ".join(f"{name} on 127.0.0.1:{port}" for name, port in fed.relay_ports.items())
+        step(f"Starting the relay ({relays}) and the site agents, which dial out to it and open no port "
+             "(mutual TLS end to end) ...")
         fed.start_agents()
 
         airflow = LocalAirflow(airflow_settings(settings, free_port(8080), fed.conn_id), settings.logs)

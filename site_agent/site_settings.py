@@ -19,7 +19,9 @@ from flare_provider.provisioning.kits import LOCAL, SITE_SETTINGS
 from .errors import SettingsError
 
 _REQUIRED = ("data_dir", "work_dir")
-_KNOWN = {"data_dir", "work_dir", "gpus", "allow_custom_code", "max_concurrent_cpu_tasks", "preload_modules"}
+_KNOWN = {"data_dir", "work_dir", "gpus", "allow_custom_code", "max_concurrent_cpu_tasks", "preload_modules", "connect",
+          "proxy"}
+CONNECT_MODES = ("outbound", "listen")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -34,6 +36,10 @@ class SiteSettings:
     max_concurrent_cpu_tasks: int = 2
     # imported once by the worker launcher, so that tasks do not import them each time
     preload_modules: tuple[str, ...] = ("torch",)
+    # outbound: attach to the kit's relays and open no port; listen: serve on the kit's port (a LAN);
+    # None (a kit from before relays): outbound when the kit lists relays
+    connect: str | None = None
+    proxy: str | None = None  # http://[user:password@]host:port for dialling out; default $https_proxy
 
 
 def site_settings_path(kit_dir: Path) -> Path:
@@ -75,6 +81,8 @@ def parse_site_settings(doc: Any, base_dir: Path, source: str = "site.yaml") -> 
         allow_custom_code=_bool(doc.get("allow_custom_code", False), "allow_custom_code", source),
         max_concurrent_cpu_tasks=_positive_int(doc.get("max_concurrent_cpu_tasks", 2), "max_concurrent_cpu_tasks", source),
         preload_modules=_modules(doc.get("preload_modules", list(SiteSettings.preload_modules)), source),
+        connect=_choice(doc.get("connect"), CONNECT_MODES, "connect", source) if doc.get("connect") is not None else None,
+        proxy=_proxy(doc.get("proxy"), source),
     )
 
 
@@ -103,6 +111,26 @@ def _modules(value: Any, source: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(m, str) and _MODULE_NAME.match(m) for m in value):
         raise SettingsError(f"{source}: 'preload_modules' must be a list of module names such as [torch], found {value!r}")
     return tuple(value)
+
+
+def _choice(value: Any, choices: tuple[str, ...], field: str, source: str) -> str:
+    if value not in choices:
+        raise SettingsError(f"{source}: '{field}' must be one of {', '.join(choices)}, found {value!r}")
+    return value
+
+
+def _proxy(value: Any, source: str) -> str | None:
+    if value in (None, ""):
+        return None
+    from flare_provider.relay.dial import HttpProxy
+
+    if not isinstance(value, str):
+        raise SettingsError(f"{source}: 'proxy' must be a URL such as http://proxy.example:3128, found {value!r}")
+    try:
+        HttpProxy.from_url(value)
+    except ValueError as exc:
+        raise SettingsError(f"{source}: 'proxy': {exc}") from None
+    return value
 
 
 def _bool(value: Any, field: str, source: str) -> bool:

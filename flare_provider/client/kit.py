@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..provisioning.kits import ADMIN_CONFIG, SERVER_CONFIG, STARTUP
+from ..relay.dial import RelayEndpoint
+from ..relay.tls import TlsIdentity
 from .replies import AgentError, AgentStatus
 
 if TYPE_CHECKING:
@@ -26,6 +28,7 @@ class SiteEndpoint:
     port: int
     org: str = ""
     gpus: tuple[int, ...] = ()
+    connect: str = "listen"  # outbound: reached through the kit's relays; listen: at host:port
 
     @property
     def address(self) -> str:
@@ -37,7 +40,10 @@ class SiteEndpoint:
 
         Raises KeyError, TypeError or ValueError (callers name the file or connection).
         """
-        return cls(name, doc["host"], int(doc["port"]), doc.get("org", ""), tuple(doc.get("gpus", ())))
+        connect = doc.get("connect", "listen")
+        if connect not in ("outbound", "listen"):
+            raise ValueError(f"site {name!r}: connect must be outbound or listen, not {connect!r}")
+        return cls(name, doc["host"], int(doc["port"]), doc.get("org", ""), tuple(doc.get("gpus", ())), connect)
 
     @classmethod
     def map_from(cls, sites: Any) -> dict[str, "SiteEndpoint"]:
@@ -56,17 +62,29 @@ class CallerKit:
     key_pem: bytes = field(repr=False)
     root_ca_pem: bytes = field(repr=False)
     sites: dict[str, SiteEndpoint] = field(default_factory=dict)
+    relays: tuple[RelayEndpoint, ...] = ()
+
+    def address(self, site: str) -> str:
+        """Where a gRPC channel reaches ``site``: its own address, or an entrance to the relays it dials."""
+        endpoint = self.endpoint(site)
+        if endpoint.connect == "listen":
+            return endpoint.address
+        if not self.relays:
+            raise KitError(f"site {site!r} dials out to relays, but the {self.kind} kit of {self.name!r} lists none")
+        from ..relay.tunnel import tunnel_for
+
+        return tunnel_for(self.relays, TlsIdentity(self.cert_pem, self.key_pem, self.root_ca_pem)).address(site)
 
     def client(self, site: str, address: str | None = None, **kwargs: Any) -> "AgentClient":
-        """A client for ``site``, at ``address`` or where the kit says it is."""
+        """A client for ``site``, at ``address`` or where the kit says it is reached."""
         from .sync import AgentClient
 
-        return AgentClient(site, address or self.endpoint(site).address, self.cert_pem, self.key_pem, self.root_ca_pem, **kwargs)
+        return AgentClient(site, address or self.address(site), self.cert_pem, self.key_pem, self.root_ca_pem, **kwargs)
 
     def async_client(self, site: str, address: str | None = None, **kwargs: Any) -> "AsyncAgentClient":
         from .aio import AsyncAgentClient
 
-        return AsyncAgentClient(site, address or self.endpoint(site).address, self.cert_pem, self.key_pem, self.root_ca_pem, **kwargs)
+        return AsyncAgentClient(site, address or self.address(site), self.cert_pem, self.key_pem, self.root_ca_pem, **kwargs)
 
     def site_statuses(self, timeout: float = 5.0, sites: list[str] | None = None) -> dict[str, "AgentStatus | AgentError"]:
         """Every site's status, or the error reaching it gave; asked all at once, never raising."""
@@ -97,11 +115,23 @@ class KitError(ValueError):
 _CALLER_CONFIGS = {"server": SERVER_CONFIG, "admin": ADMIN_CONFIG}
 
 
-def load_caller_kit(kit_dir: str | os.PathLike) -> CallerKit:
-    """Read a server kit (``startup/server.json``) or an admin kit (``startup/admin.json``)."""
+def load_caller_kit(kit_dir: str | os.PathLike, verify: bool = True, root_fingerprint: str | None = None) -> CallerKit:
+    """Read a server kit (``startup/server.json``) or an admin kit (``startup/admin.json``).
+
+    With ``verify`` (the default) the kit's ``startup/`` must first pass its signature
+    check (against ``root_fingerprint`` when given): a changed, missing or added file
+    raises :class:`KitError` naming it, and nothing of the kit is read.
+    """
+    from ..provisioning.signature import KitVerificationError, require_valid
+
     for kind, config_name in _CALLER_CONFIGS.items():
         config_path = Path(kit_dir) / STARTUP / config_name
         if config_path.is_file():
+            if verify:
+                try:
+                    require_valid(config_path.parent, root_fingerprint)
+                except KitVerificationError as exc:
+                    raise KitError(str(exc)) from None
             return _read_caller_kit(config_path, kind)
     raise KitError(f"{kit_dir}: neither startup/{SERVER_CONFIG} nor startup/{ADMIN_CONFIG} found; pass a server or admin kit")
 
@@ -111,6 +141,7 @@ def _read_caller_kit(config_path: Path, kind: str) -> CallerKit:
     try:
         doc = json.loads(config_path.read_text(encoding="utf-8"))
         sites = SiteEndpoint.map_from(doc.get("sites", {}))
+        relays = tuple(RelayEndpoint.from_dict(r) for r in doc.get("relays", []))
         return CallerKit(
             project=doc["project"],
             name=doc[kind],
@@ -119,6 +150,7 @@ def _read_caller_kit(config_path: Path, kind: str) -> CallerKit:
             key_pem=(startup / doc["key"]).read_bytes(),
             root_ca_pem=(startup / doc["root_ca"]).read_bytes(),
             sites=sites,
+            relays=relays,
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise KitError(f"{config_path}: unusable ({type(exc).__name__}: {exc})") from None

@@ -50,6 +50,7 @@ class FlareHook(BaseHook):
     @classmethod
     def kit_from_connection(cls, conn: Any) -> "CallerKit":
         from flare_provider.client import CallerKit, SiteEndpoint
+        from flare_provider.relay.dial import RelayEndpoint
 
         try:
             extra = conn.extra_dejson if hasattr(conn, "extra_dejson") else json.loads(conn.extra or "{}")
@@ -70,10 +71,15 @@ class FlareHook(BaseHook):
         sites = extra["sites"]
         if isinstance(sites, str):
             sites = json.loads(sites)
+        relays = extra.get("relays") or []
         try:
             endpoints = SiteEndpoint.map_from(sites)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise FlareConnectionError(f"connection {conn.conn_id!r}: sites must map names to {{host, port}}: {exc}") from None
+        try:
+            relays = tuple(RelayEndpoint.from_dict(r) for r in (json.loads(relays) if isinstance(relays, str) else relays))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise FlareConnectionError(f"connection {conn.conn_id!r}: relays must be a list of {{name, host, port}}: {exc}") from None
         return CallerKit(
             project=extra["project"],
             name=conn.login,
@@ -82,6 +88,7 @@ class FlareHook(BaseHook):
             key_pem=key_pem,
             root_ca_pem=normalize_pem(extra["root_ca_pem"]),
             sites=endpoints,
+            relays=relays,
         )
 
     def get_kit(self) -> "CallerKit":

@@ -1,9 +1,11 @@
-"""A local proof-of-concept federation: every participant on this machine, agents on loopback.
+"""A local proof-of-concept federation: every participant on this machine, on loopback.
 
-What ``nvflare poc`` is to NVIDIA FLARE: provision a project whose sites listen on
-127.0.0.1, optionally give each site a non-IID share of the example digits data, and run
-the agents as child processes (still mutual TLS, still signed kits). The demo, the tests
-and the benchmarks use it; nothing here is needed for a real deployment.
+What ``nvflare poc`` is to NVIDIA FLARE: provision a project on 127.0.0.1, optionally give
+each site a non-IID share of the example digits data, and run the relays and agents as
+child processes (still mutual TLS, still signed kits). With ``connect="outbound"`` (the
+production topology) the sites dial out to the relays and listen on no port; with
+``"listen"`` each agent serves on a loopback port. The demo, the tests and the benchmarks
+use it; nothing here is needed for a real deployment.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from pathlib import Path
 
 from ..client import AgentClient, AgentError, load_caller_kit
 from ..provisioning import load_project, provision
-from ..provisioning.kits import CONNECTIONS_FILE, STARTUP, connection_id
-from .processes import ProcessError, tail, wait_for
+from ..provisioning.kits import CONNECTIONS_FILE, LOCAL, SITE_SETTINGS, STARTUP, connection_id
+from .processes import ProcessError, Service, tail, wait_for
 
 SERVER = "airflow-server"
 ADMIN = "admin@poc.local"
@@ -50,7 +52,10 @@ class LocalFederation:
     root_fingerprint: str
     server: str = SERVER
     admin: str = ADMIN
+    connect: str = "listen"
+    relay_ports: dict[str, int] = field(default_factory=dict)  # server participant -> its relay's port
     agents: dict[str, "AgentProcess"] = field(default_factory=dict, repr=False)
+    relays: dict[str, Service] = field(default_factory=dict, repr=False)
 
     @property
     def server_kit(self) -> Path:
@@ -70,6 +75,15 @@ class LocalFederation:
 
     def data_dir(self, site: str) -> Path:
         return self.kits[site] / "data"
+
+    def set_site_settings(self, site: str, **changes: object) -> None:
+        """Change a site's own settings (``local/site.yaml``, outside the signed part of its kit)."""
+        import yaml
+
+        path = self.kits[site] / LOCAL / SITE_SETTINGS
+        settings = yaml.safe_load(path.read_text())
+        settings.update(changes)
+        path.write_text(yaml.safe_dump(settings, sort_keys=False))
 
     def connection_json(self) -> str:
         """The server identity as Airflow's JSON connection format (``AIRFLOW_CONN_<ID>``)."""
@@ -98,7 +112,27 @@ class LocalFederation:
             self.agents[site] = AgentProcess(self.kits[site], site, self.ports[site], self.server_kit)
         return self.agents[site]
 
+    def relay(self, server: str | None = None) -> Service:
+        """The relay process of server participant ``server`` (default: the first)."""
+        server = server or self.server
+        if server not in self.relays:
+            argv = [sys.executable, "-m", "flare_provider.cli", "relay", "start", "--kit", str(self.kits[server]),
+                    "--host", "127.0.0.1"]
+            port = self.relay_ports[server]
+            self.relays[server] = Service(f"relay-{server}", argv, dict(os.environ), self.root,
+                                          ready=lambda _: _accepts(port))
+        return self.relays[server]
+
+    def start_relays(self) -> None:
+        for server in self.relay_ports:
+            if not self.relay(server).alive:
+                self.relay(server).start()
+        for server in self.relay_ports:
+            self.relay(server).wait_ready(START_TIMEOUT)
+
     def start_agents(self, sites: list[str] | None = None) -> None:
+        if self.connect == "outbound":
+            self.start_relays()
         for site in sites or self.sites:
             self.agent(site).start(wait=False)
         for site in sites or self.sites:
@@ -107,6 +141,8 @@ class LocalFederation:
     def stop_agents(self) -> None:
         for agent in self.agents.values():
             agent.stop()
+        for relay in self.relays.values():
+            relay.stop()
 
 
 def prepare(
@@ -117,26 +153,44 @@ def prepare(
     digits_data: bool = True,
     non_iid: bool = True,
     seed: int = 0,
+    connect: str = "listen",
+    num_relays: int = 1,
 ) -> LocalFederation:
     """Provision ``name`` with ``num_sites`` loopback sites under ``root``; with
-    ``digits_data``, write each site's share of the digits data to its kit's ``data/``."""
+    ``digits_data``, write each site's share of the digits data to its kit's ``data/``.
+
+    ``connect="outbound"`` makes the sites dial out to ``num_relays`` relays (one per
+    server participant: ``airflow-server``, ``airflow-server-2``, ...).
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     sites = tuple(f"site-{i}" for i in range(1, num_sites + 1))
     ports = {site: free_port() for site in sites}
-    lines = ["api_version: 3", f"name: {name}", "description: local proof-of-concept federation", "participants:",
-             f"  - {{name: {SERVER}, type: server, org: lead}}"]
-    lines += [f"  - {{name: {s}, type: client, org: org-{s}, agent_host: 127.0.0.1, agent_port: {ports[s]}}}" for s in sites]
+    servers = [SERVER, *(f"{SERVER}-{i}" for i in range(2, num_relays + 1))]
+    relay_ports = {server: free_port() for server in servers}
+    lines = ["api_version: 3", f"name: {name}", "description: local proof-of-concept federation", "participants:"]
+    lines += [f"  - {{name: {server}, type: server, org: lead, host_names: [127.0.0.1], fed_learn_port: {port}}}"
+              for server, port in relay_ports.items()]
+    lines += [f"  - {{name: {s}, type: client, org: org-{s}, agent_host: 127.0.0.1, agent_port: {ports[s]}, connect: {connect}}}"
+              for s in sites]
     lines.append(f"  - {{name: '{ADMIN}', type: admin, org: lead, role: project_admin}}")
     project_file = root / "project.yml"
     project_file.write_text("\n".join(lines) + "\n")
     result = provision(load_project(project_file), root / "workspace")
-    federation = LocalFederation(name, root, dict(result.kits), ports, sites, result.root_fingerprint)
+    federation = LocalFederation(name, root, dict(result.kits), ports, sites, result.root_fingerprint,
+                                 connect=connect, relay_ports=relay_ports)
     if digits_data:
         from site_agent.datasets.digits import write_site_partitions
 
         write_site_partitions([federation.data_dir(s) for s in sites], non_iid=non_iid, seed=seed)
     return federation
+
+
+def _accepts(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 class AgentProcess:

@@ -57,10 +57,22 @@ def _write_json(path: Path, doc: dict, mode: int = 0o644) -> None:
 
 
 def site_endpoints(project: Project) -> dict[str, dict]:
+    """Every site as caller kits list it; ``connect`` says whether it is reached through the
+    relays (``outbound``) or at ``host:port`` (``listen``)."""
     return {
-        c.name: {"host": c.agent_host, "port": c.agent_port, "org": c.org, "gpus": list(c.gpus)}
+        c.name: {"host": c.agent_host, "port": c.agent_port, "org": c.org, "gpus": list(c.gpus), "connect": c.connect}
         for c in project.clients
     }
+
+
+def relay_endpoints(project: Project) -> list[dict]:
+    """Every server participant's relay, in project order, as ``RelayEndpoint.from_dict`` reads it."""
+    return [{"name": s.name, "host": s.relay_host, "port": s.fed_learn_port} for s in project.servers]
+
+
+def _relay_list(project: Project) -> str:
+    """The relays for a human: ``server1 (host:8002), server2 (host:8102)``."""
+    return ", ".join(f"{r['name']} ({r['host']}:{r['port']})" for r in relay_endpoints(project))
 
 
 def write_identity(kit_dir: Path, participant: Participant, identity: Identity, root: Identity) -> None:
@@ -94,7 +106,9 @@ def write_client_kit(kit_dir: Path, project: Project, site: Participant, root: I
         "project": project.name,
         "site": site.name,
         "org": site.org,
-        "server": project.server.name,
+        "server": project.server.name,  # kits from before several servers name only this one
+        "servers": [s.name for s in project.servers],
+        "relays": relay_endpoints(project),
         "listen_host": "0.0.0.0",
         "port": site.agent_port,
         "agent_host": site.agent_host,
@@ -109,6 +123,7 @@ def write_client_kit(kit_dir: Path, project: Project, site: Participant, root: I
         "port": site.agent_port,
         "agent_host": site.agent_host,
         "docker_image": project.docker_image,
+        "relays": _relay_list(project),
     }
     _write(startup / "start.sh", _template("start.sh").substitute(values), 0o755)
     _write(startup / "stop.sh", _template("stop.sh").substitute(values), 0o755)
@@ -116,7 +131,16 @@ def write_client_kit(kit_dir: Path, project: Project, site: Participant, root: I
     if project.docker_image:
         _write(startup / "docker.sh", _template("docker.sh").substitute(values), 0o755)
         docker_line = f"Docker:  DATA_DIR=/path/to/data startup/docker.sh   (image {project.docker_image})\n"
-    _write(startup / "readme.txt", _template("readme_client.txt").substitute(values, docker_line=docker_line))
+    if site.connect == "listen":
+        reach = (f"The Airflow side reaches this agent at {site.agent_host}:{site.agent_port} (gRPC, mutual TLS).\n"
+                 "Open that port to the Airflow workers and triggerer only.")
+    else:
+        reach = (f"The agent dials out to the relays {_relay_list(project)}\n"
+                 "and keeps those connections open; the Airflow side reaches it through them (gRPC,\n"
+                 "mutual TLS end to end). The site opens no inbound port: allow outbound TCP to the\n"
+                 "relays only, through an HTTP proxy if the site needs one (see local/site.yaml).")
+    readme = _template("readme_client.txt").substitute(values, docker_line=docker_line, reach=reach)
+    _write(startup / "readme.txt", readme)
 
     local = kit_dir / LOCAL
     local.mkdir()
@@ -126,6 +150,8 @@ def write_client_kit(kit_dir: Path, project: Project, site: Participant, root: I
         gpus=json.dumps(list(site.gpus)),
         allow_custom_code="true" if site.enable_byoc else "false",
         work_dir="work",
+        connect=site.connect,
+        port=site.agent_port,
     )
     _write(local / SITE_SETTINGS, settings)
 
@@ -143,6 +169,9 @@ def write_server_kit(kit_dir: Path, project: Project, server: Participant, ident
         "root_ca": ROOT_CA_FILE,
         "root_fingerprint": root.fingerprint,
         "sites": sites,
+        "relays": relay_endpoints(project),
+        # Where this server's own relay listens (`flare relay start`, startup/start.sh).
+        "relay": {"host": "0.0.0.0", "port": server.fed_learn_port},
     }
     _write_json(startup / SERVER_CONFIG, config)
     conn_id = connection_id(project.name)
@@ -159,16 +188,27 @@ def write_server_kit(kit_dir: Path, project: Project, server: Participant, ident
                     "cert_pem": identity.cert_pem.decode(),
                     "root_ca_pem": root.cert_pem.decode(),
                     "sites": sites,
+                    "relays": relay_endpoints(project),
                 }
             ),
         }
     }
     _write_json(startup / CONNECTIONS_FILE, connection, 0o600)
+    values = {**_common_values(project, server, root), "server": server.name, "port": server.fed_learn_port}
+    _write(startup / "start.sh", _template("relay_start.sh").substitute(values), 0o755)
+    _write(startup / "stop.sh", _template("relay_stop.sh").substitute(values), 0o755)
+    others = [s.name for s in project.servers if s.name != server.name]
+    # With several servers (HA) every site attaches to every relay; Airflow needs only one
+    # of the server kits and reaches a site through whichever relay answers.
+    ha_note = (
+        f"\nThe sites attach to the other relays too ({', '.join(others)}). Import one server\n"
+        "kit's connection: Airflow reaches a site through whichever relay answers.\n"
+        if others
+        else ""
+    )
     _write(
         startup / "readme.txt",
-        _template("readme_server.txt").substitute(
-            _common_values(project, server, root), server=server.name, conn_id=conn_id
-        ),
+        _template("readme_server.txt").substitute(values, conn_id=conn_id, ha_note=ha_note),
     )
 
 
@@ -186,6 +226,7 @@ def write_admin_kit(kit_dir: Path, project: Project, admin: Participant, root: I
         "root_ca": ROOT_CA_FILE,
         "root_fingerprint": root.fingerprint,
         "sites": site_endpoints(project),
+        "relays": relay_endpoints(project),
     }
     _write_json(startup / ADMIN_CONFIG, config)
     _write(

@@ -18,6 +18,12 @@ SUPPORTED_API_VERSIONS = (2, 3)
 DEFAULT_AGENT_PORT = 8102
 DEFAULT_FED_LEARN_PORT = 8002
 DEFAULT_ADMIN_PORT = 8003
+# How a site's agent is reached: it dials out to the relays (no inbound port at the site),
+# or, on a LAN where the Airflow side can reach it, it listens on its agent_port.
+CONNECT_MODES = ("outbound", "listen")
+DEFAULT_CONNECT = "outbound"
+# NVIDIA FLARE's overseer picks the active server of an HA pair; here nothing needs one.
+OVERSEER_NOTE = "Airflow's scheduler plays the overseer's part (retries and failover)"
 
 # Admin roles as NVIDIA FLARE names them, with the aliases its versions used.
 ADMIN_ROLES = {
@@ -47,11 +53,12 @@ HONOURED_BUILDERS = {
 # examples; what they carry is read where participants use them.
 _KNOWN_TOP_LEVEL = {"api_version", "name", "description", "participants", "builders", "client_components", "server_components"}
 # Keys NVIDIA FLARE knows that this project has no use for: a warning, never an error.
-_FLARE_TOP_LEVEL = {"overseer", "config_folder", "custom_folder", "ha_mode"}
+_FLARE_TOP_LEVEL = {"config_folder", "custom_folder"}
+_OVERSEER_TOP_LEVEL = {"overseer", "ha_mode"}
 _COMMON_KEYS = {"name", "type", "org"}
 _PARTICIPANT_KEYS = {
     "server": _COMMON_KEYS | {"fed_learn_port", "admin_port", "host_names", "default_host", "enable_byoc"},
-    "client": _COMMON_KEYS | {"agent_host", "agent_port", "enable_byoc", "components", "listening_host"},
+    "client": _COMMON_KEYS | {"agent_host", "agent_port", "connect", "enable_byoc", "components", "listening_host"},
     "admin": _COMMON_KEYS | {"role", "roles"},
 }
 _FLARE_PARTICIPANT_KEYS = {"components", "listening_host", "default_host", "connection_security", "scheme", "protocol"}
@@ -74,6 +81,13 @@ class Participant:
     agent_port: int | None = None
     enable_byoc: bool = False
     gpus: tuple[int, ...] = ()
+    connect: str | None = None  # clients only: one of CONNECT_MODES
+
+    @property
+    def relay_host(self) -> str:
+        """Where sites reach this server's relay: its first host name (``default_host`` when
+        ``host_names`` is empty), else its participant name."""
+        return self.host_names[0] if self.host_names else self.name
 
     @property
     def subject_alt_names(self) -> tuple[str, ...]:
@@ -108,8 +122,14 @@ class Project:
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
+    def servers(self) -> tuple[Participant, ...]:
+        """Every server participant, in project order: each is an Airflow-side identity and a relay."""
+        return tuple(p for p in self.participants if p.type == "server")
+
+    @property
     def server(self) -> Participant:
-        return next(p for p in self.participants if p.type == "server")
+        """The first server participant (its org is the root CA's; older kits name only it)."""
+        return self.servers[0]
 
     @property
     def clients(self) -> tuple[Participant, ...]:
@@ -179,7 +199,9 @@ class _ProjectParser:
         if not isinstance(description, str):
             raise self.fail("description", "must be a string")
         for key in doc:
-            if key in _FLARE_TOP_LEVEL:
+            if key in _OVERSEER_TOP_LEVEL:
+                self.warnings.append(f"top-level key {key!r} ignored: {OVERSEER_NOTE}")
+            elif key in _FLARE_TOP_LEVEL:
                 self.warnings.append(f"top-level key {key!r} is an NVIDIA FLARE setting this project does not use")
             elif key not in _KNOWN_TOP_LEVEL:
                 self.warnings.append(f"unknown top-level key {key!r} ignored")
@@ -212,7 +234,7 @@ class _ProjectParser:
             seen.add(name)
             kind = item.get("type")
             if kind == "overseer":
-                self.warnings.append(f"{where}: overseer participants are not needed here (Airflow retries give failover); ignored")
+                self.warnings.append(f"{where}: overseer participants are not needed, {OVERSEER_NOTE}; ignored")
                 continue
             if kind not in _PARTICIPANT_KEYS:
                 raise self.fail(f"{where}: type", f"unknown participant type {kind!r} (use server, client or admin)")
@@ -228,10 +250,21 @@ class _ProjectParser:
         servers = [p for p in result if p.type == "server"]
         if not servers:
             raise self.fail("participants", "no participant of type 'server' (the Airflow side's identity)")
-        if len(servers) > 1:
-            names = ", ".join(repr(p.name) for p in servers)
-            raise self.fail("participants", f"exactly one server is expected, found {len(servers)}: {names}")
+        self.check_relay_addresses(servers)
         return tuple(result)
+
+    def check_relay_addresses(self, servers: list[Participant]) -> None:
+        """Two relays on one host and port could not both listen; sites would reach only one."""
+        taken: dict[tuple[str, int], str] = {}
+        for server in servers:
+            address = (server.relay_host, server.fed_learn_port)
+            if address in taken:
+                raise self.fail(
+                    f"participant {server.name!r}: fed_learn_port",
+                    f"{server.relay_host}:{server.fed_learn_port} is already the relay address of "
+                    f"{taken[address]!r}; give each server its own host name or port",
+                )
+            taken[address] = server.name
 
     def port(self, item: dict[str, Any], key: str, where: str, default: int) -> int:
         value = item.get(key, default)
@@ -284,7 +317,18 @@ class _ProjectParser:
             agent_port=self.port(item, "agent_port", where, DEFAULT_AGENT_PORT),
             enable_byoc=self.flag(item, "enable_byoc", where),
             gpus=self.client_gpus(item.get("components"), where),
+            connect=self.connect_mode(item, where),
         )
+
+    def connect_mode(self, item: dict[str, Any], where: str) -> str:
+        value = item.get("connect", DEFAULT_CONNECT)
+        if value not in CONNECT_MODES:
+            raise self.fail(
+                f"{where}: connect",
+                "must be outbound (the agent dials the relays) or listen (the agent serves on "
+                f"agent_port), got {value!r}",
+            )
+        return value
 
     def client_gpus(self, components: Any, where: str) -> tuple[int, ...]:
         """GPU ids from NVIDIA FLARE's ``components.resource_manager.args.resources.gpu``."""
@@ -345,5 +389,5 @@ class _ProjectParser:
                 docker_image = image
             for key in args:
                 if key == "overseer_agent":
-                    self.warnings.append(f"builder {builder.short_name}: overseer_agent is not used (Airflow retries give failover)")
+                    self.warnings.append(f"builder {builder.short_name}: overseer_agent ignored: {OVERSEER_NOTE}")
         return tuple(builders), docker_image

@@ -101,9 +101,10 @@ def client_kits(ctx: ProvisionContext) -> None:
         write_client_kit(ctx.kit_dir(site.name), ctx.project, site, ctx.root)
 
 
-def server_kit(ctx: ProvisionContext) -> None:
-    server = ctx.project.server
-    write_server_kit(ctx.kit_dir(server.name), ctx.project, server, ctx.identities[server.name], ctx.root)
+def server_kits(ctx: ProvisionContext) -> None:
+    """One kit per server participant, each with its own identity and connection file."""
+    for server in ctx.project.servers:
+        write_server_kit(ctx.kit_dir(server.name), ctx.project, server, ctx.identities[server.name], ctx.root)
 
 
 def admin_kits(ctx: ProvisionContext) -> None:
@@ -160,7 +161,7 @@ STEPS: tuple[Step, ...] = (
     certificates,
     identity_files,
     client_kits,
-    server_kit,
+    server_kits,
     admin_kits,
     signatures,
     passwords,

@@ -21,6 +21,7 @@ import io
 import json
 import re
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -263,8 +264,13 @@ def read_bundle_manifest(bundle: bytes) -> BundleManifest:
         return _parse_manifest(_read_entry(zf, MANIFEST_FILE, "bundle"), "bundle")
 
 
-def _check_signer(signer_pem: str, root_ca_pem: bytes, server_name: str, source: str) -> x509.Certificate:
-    """The signer's certificate, if the project's root CA issued it to the server identity."""
+def server_name_set(server_names: str | Iterable[str]) -> frozenset[str]:
+    """The server participants' names: one name, or any collection of them."""
+    return frozenset({server_names} if isinstance(server_names, str) else server_names)
+
+
+def _check_signer(signer_pem: str, root_ca_pem: bytes, server_names: frozenset[str], source: str) -> x509.Certificate:
+    """The signer's certificate, if the project's root CA issued it to one of the server identities."""
     try:
         cert = x509.load_pem_x509_certificate(signer_pem.encode())
     except (ValueError, AttributeError) as exc:
@@ -280,10 +286,11 @@ def _check_signer(signer_pem: str, root_ca_pem: bytes, server_name: str, source:
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise BundleError(f"{source}: the signer certificate is not valid now (expired or not yet valid)")
     peer = describe_certificate(cert)
-    if peer.kind != "server" or peer.name != server_name:
+    if peer.kind != "server" or peer.name not in server_names:
+        names = ", ".join(repr(n) for n in sorted(server_names))
         raise BundleError(
             f"{source}: signed by {peer.name!r} ({peer.kind or 'unknown kind'}), "
-            f"not by the federation's server identity {server_name!r}"
+            f"not by a server identity of the federation ({names})"
         )
     return cert
 
@@ -302,16 +309,17 @@ def _sha256(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> str:
 def verify_bundle(
     zf: zipfile.ZipFile,
     root_ca_pem: bytes,
-    server_name: str,
+    server_names: str | Iterable[str],
     source: str = "bundle",
     max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
 ) -> VerifiedBundle:
     """Check everything about an open bundle before any of it is unpacked.
 
-    The signer certificate must be issued by ``root_ca_pem`` to the server identity
-    ``server_name`` and its signature over the manifest must hold; every entry must be
-    safe to unpack (see :mod:`flare_provider.safezip`), listed in the manifest, with
-    the listed hash; ``app.yaml`` must name the same app and a trainer an agent can run.
+    The signer certificate must be issued by ``root_ca_pem`` to one of the server
+    identities ``server_names`` (a name or a collection) and its signature over the
+    manifest must hold; every entry must be safe to unpack (see
+    :mod:`flare_provider.safezip`), listed in the manifest, with the listed hash;
+    ``app.yaml`` must name the same app and a trainer an agent can run.
     """
     manifest_bytes = _read_entry(zf, MANIFEST_FILE, source)
     try:
@@ -322,7 +330,7 @@ def verify_bundle(
         signer_pem = sig_doc["signer_cert"]
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BundleError(f"{source}: {SIGNATURE_FILE} is malformed ({exc})") from None
-    cert = _check_signer(signer_pem, root_ca_pem, server_name, source)
+    cert = _check_signer(signer_pem, root_ca_pem, server_name_set(server_names), source)
     try:
         public_key = cert.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey):

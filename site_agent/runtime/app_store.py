@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from flare_provider.wire.bundles import (
     BundleError,
     load_app_config,
     open_bundle,
+    server_name_set,
     verify_bundle,
 )
 
@@ -58,14 +60,22 @@ class AppInfo:
 
 
 class AppStore:
-    """Deployed apps of one federation, verified against its root CA and server identity."""
+    """Deployed apps of one federation, verified against its root CA and server identities.
+
+    ``server_names`` is one server participant's name or all of them: a bundle signed by
+    any of them deploys (with two servers, either Airflow-side identity may deploy).
+    """
 
     def __init__(
-        self, root: Path, root_ca_pem: bytes, server_name: str, max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
+        self,
+        root: Path,
+        root_ca_pem: bytes,
+        server_names: str | Iterable[str],
+        max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
     ):
         self.root = Path(root)
         self.root_ca_pem = root_ca_pem
-        self.server_name = server_name
+        self.server_names = server_name_set(server_names)
         self.max_bundle_bytes = max_bundle_bytes
         self._lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -87,7 +97,7 @@ class AppStore:
         if size > self.max_bundle_bytes:
             raise BundleError(f"{source}: {size} bytes is more than the {self.max_bundle_bytes} bytes allowed")
         with open_bundle(bundle_path, source) as zf:
-            verified = verify_bundle(zf, self.root_ca_pem, self.server_name, source, self.max_bundle_bytes)
+            verified = verify_bundle(zf, self.root_ca_pem, self.server_names, source, self.max_bundle_bytes)
             manifest = verified.manifest
             target = self.root / manifest.name / manifest.version
             with self._lock:

@@ -3,8 +3,9 @@
 TLS has already proved that the caller holds a certificate issued by the project's root
 CA; this module reads who it names (CN, O, OU = kind, admin role) and applies the rules:
 
-* the server identity (OU ``server`` with the CN that ``agent.json`` names) deploys apps,
-  runs tasks, reads and acknowledges their results, aborts them and reads status;
+* a server identity (OU ``server`` with a CN among the server participants that
+  ``agent.json`` names; two or more for high availability) deploys apps, runs tasks, reads
+  and acknowledges their results, aborts them and reads status;
 * every admin reads status; a ``project_admin`` also aborts tasks and shuts the agent
   down; an ``org_admin`` or ``lead`` aborts tasks on a site of their own org only;
 * anyone else, sites included, is denied.
@@ -59,13 +60,19 @@ class Decision:
 class Policy:
     """The rules above for one site."""
 
-    server_name: str
+    server_names: frozenset[str]
     site_org: str
+
+    def __post_init__(self) -> None:
+        # A single name is one server, not a set of its characters.
+        names = {self.server_names} if isinstance(self.server_names, str) else self.server_names
+        object.__setattr__(self, "server_names", frozenset(names))
 
     def decide(self, peer: PeerIdentity, action: Action) -> Decision:
         if peer.kind == "server":
-            if peer.name != self.server_name:
-                return _deny(f"{peer.name!r} is not this federation's server identity ({self.server_name!r})")
+            if peer.name not in self.server_names:
+                names = ", ".join(repr(n) for n in sorted(self.server_names))
+                return _deny(f"{peer.name!r} is not this federation's server identity ({names})")
             if action in _SERVER_ACTIONS:
                 return _ALLOW
             return _deny(f"the server identity may not {action.value}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,20 +22,24 @@ import grpc
 
 from flare_provider.provisioning.kits import STARTUP
 from flare_provider.provisioning.signature import require_valid
+from flare_provider.relay.dial import HttpProxy
+from flare_provider.relay.tls import TlsIdentity
 from flare_provider.wire import agent_pb2_grpc
 from flare_provider.wire.chunks import MAX_MESSAGE_BYTES, PARTIAL_PREFIX
 
-from ..kit_config import load_agent_config
+from ..kit_config import ConfigError, load_agent_config
 from ..runtime.app_store import AppStore
 from ..runtime.task_manager import TaskManager
 from ..site_settings import load_site_settings
 from .agent_service import AgentService, Limits
 from .audit import AUDIT_FILE, AuditLog
+from .outbound import OutboundConnector
 
 log = logging.getLogger(__name__)
 
 APPS_DIR = "apps"
 LOCK_FILE = "agent.lock"
+SOCKET_RECORD = "agent.socket"  # in the work folder: where a dialling-out agent serves (health checks read it)
 
 
 class SiteAgent:
@@ -68,6 +74,11 @@ class SiteAgent:
         self._server: grpc.Server | None = None
         self._lock_fd = -1
         self.service: AgentService | None = None
+        self.connector: OutboundConnector | None = None
+        self._socket_dir: str | None = None
+        self.connect = self.settings.connect or ("outbound" if self.config.relays else "listen")
+        if self.connect == "outbound" and not self.config.relays:
+            raise ConfigError(f"site {self.config.site}: site.yaml says connect: outbound, but the kit lists no relays")
 
     def start(self) -> int:
         """Claim the work folder, listen, start the runtime; returns the port listened on."""
@@ -75,7 +86,7 @@ class SiteAgent:
         self._lock_fd = _lock_work_dir(work)
         try:
             server, port = self._listen()
-            apps = AppStore(work / APPS_DIR, self.root_ca_pem, self.config.server, self.limits.max_bundle_bytes)
+            apps = AppStore(work / APPS_DIR, self.root_ca_pem, self.config.servers, self.limits.max_bundle_bytes)
             tasks = TaskManager(self.settings, apps, self.config.site)
             for leftover in tasks.incoming_dir.glob(f"{PARTIAL_PREFIX}*"):  # uploads cut short by a crash
                 leftover.unlink(missing_ok=True)
@@ -88,10 +99,17 @@ class SiteAgent:
         agent_pb2_grpc.add_FlareAgentServicer_to_server(self.service, server)
         server.start()
         self._server = server
-        log.info(
-            "agent of site %s (project %s) listening on %s:%d with mutual TLS",
-            self.config.site, self.config.project, self.host, port,
-        )
+        if self.connector is not None:
+            self.connector.start()
+            log.info(
+                "agent of site %s (project %s) dials out to relays %s; mutual TLS end to end, no port open",
+                self.config.site, self.config.project, ", ".join(f"{r.name} ({r.address})" for r in self.config.relays),
+            )
+        else:
+            log.info(
+                "agent of site %s (project %s) listening on %s:%d with mutual TLS",
+                self.config.site, self.config.project, self.host, port,
+            )
         return port
 
     def _listen(self) -> tuple[grpc.Server, int]:
@@ -114,7 +132,7 @@ class SiteAgent:
             root_certificates=self.root_ca_pem,
             require_client_auth=True,
         )
-        address = f"{self.host}:{self.port}"
+        address = self._address()
         try:
             port = server.add_secure_port(address, credentials)
         except RuntimeError:
@@ -122,6 +140,25 @@ class SiteAgent:
         if not port:
             raise OSError(f"cannot listen on {address}: the address is in use or not available here")
         return server, port
+
+    def _address(self) -> str:
+        """Where the gRPC server listens: the kit's host and port, or, dialling out, a Unix
+        socket in a private folder that only the connector (this process) joins paths to."""
+        if self.connect == "listen":
+            return f"{self.host}:{self.port}"
+        self._socket_dir = tempfile.mkdtemp(prefix="flare-agent-")  # short: Unix socket paths are limited
+        socket_path = os.path.join(self._socket_dir, "agent.sock")
+        (self.settings.work_dir / SOCKET_RECORD).write_text(socket_path + "\n")
+        proxy = self.settings.proxy
+        identity = TlsIdentity(self.config.cert_file.read_bytes(), self.config.key_file.read_bytes(), self.root_ca_pem)
+        self.connector = OutboundConnector(
+            self.config.site,
+            self.config.relays,
+            identity,
+            socket_path,
+            proxy=HttpProxy.from_url(proxy) if proxy else HttpProxy.from_environment(self.config.relays[0].host),
+        )
+        return f"unix:{socket_path}"
 
     def request_stop(self, reason: str) -> None:
         self._stop_reason = reason
@@ -138,7 +175,11 @@ class SiteAgent:
         if self._server is None or self.service is None:
             return
         self.service.stopping.set()
+        if self.connector is not None:
+            self.connector.stop()
         self._server.stop(grace).wait()
+        if self._socket_dir:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
         self.service.tasks.close()
         self.service.audit.close()
         os.close(self._lock_fd)

@@ -56,7 +56,7 @@ def project_yaml(name: str, ports: dict[str, int]) -> str:
         f"  - {{name: {SERVER}, type: server, org: lead_org}}",
     ]
     for site, org in SITES.items():
-        lines.append(f"  - {{name: {site}, type: client, org: {org}, agent_host: 127.0.0.1, agent_port: {ports[site]}}}")
+        lines.append(f"  - {{name: {site}, type: client, org: {org}, agent_host: 127.0.0.1, agent_port: {ports[site]}, connect: listen}}")
     for admin, (org, role) in ADMINS.items():
         lines.append(f"  - {{name: '{admin}', type: admin, org: {org}, role: {role}}}")
     return "\n".join(lines) + "\n"

@@ -276,8 +276,11 @@ class Harness:
 
         with ThreadPoolExecutor(max_workers=1) as pool:
             database = pool.submit(make_database)
-            self.federation = prepare(self.root / "federation", f"dist_{uuid.uuid4().hex[:6]}", self.num_sites)
+            self.federation = prepare(self.root / "federation", f"dist_{uuid.uuid4().hex[:6]}", self.num_sites,
+                                      connect="outbound")
             cleanup.callback(self.federation.stop_agents)
+            for server in self.federation.relay_ports:  # the sites dial out to it
+                self.federation.relay(server).start()
             for site in self.federation.sites:
                 self.federation.agent(site).start(wait=False)
             self.s3 = MotoServer(self.logs)

@@ -288,7 +288,7 @@ def test_provisioning_again_keeps_site_kits_and_adds_sites(tmp_path):
     # A third site: its volumes appear, the project names it; the next run issues only it.
     text = project_file.read_text().replace(
         "  - name: admin@lead-lab.example",
-        "  - name: hospital-c\n    type: client\n    org: hospital_c\n    agent_host: hospital-c\n"
+        "  - name: hospital-c\n    type: client\n    org: hospital_c\n    agent_host: hospital-c\n    connect: listen\n"
         "  - name: admin@lead-lab.example",
     )
     project_file.write_text(text)
@@ -378,7 +378,7 @@ def container_kit(tmp_path_factory) -> tuple[Path, Path, int]:
     project_file.write_text(
         "api_version: 3\nname: container_check\nparticipants:\n"
         "  - {name: server, type: server, org: lead}\n"
-        f"  - {{name: site-1, type: client, org: org_a, agent_host: 127.0.0.1, agent_port: {port}}}\n"
+        f"  - {{name: site-1, type: client, org: org_a, agent_host: 127.0.0.1, agent_port: {port}, connect: listen}}\n"
     )
     kits = root / "kits"
     for part in ("site-1/startup", "site-1/local", "server"):

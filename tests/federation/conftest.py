@@ -1,6 +1,7 @@
-"""A local federation for the rounds tests: three real agents on loopback (mutual TLS),
-non-IID digits data, the server identity imported as an Airflow connection, and a real
-S3-protocol server for the snapshots."""
+"""A local federation for the rounds tests: three real agents that dial out to a relay on
+loopback (mutual TLS end to end, no port open at the sites), non-IID digits data, the
+server identity imported as an Airflow connection, and a real S3-protocol server for the
+snapshots."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def digits_federation(tmp_path_factory, airflow_db):
     """Three sites with skewed label distributions, agents running, connection imported."""
-    fed = prepare(tmp_path_factory.mktemp("poc"), f"digits_{uuid.uuid4().hex[:6]}", 3)
+    fed = prepare(tmp_path_factory.mktemp("poc"), f"digits_{uuid.uuid4().hex[:6]}", 3, connect="outbound")
     fed.start_agents()
     airflow_cli("connections", "import", str(fed.connections_file))
     # The same identity as an environment connection too: dag.test() runs triggers in

@@ -60,7 +60,10 @@ def test_layout_matches_nvidia_flare(kits):
     assert "gpus: [0, 1]" in settings and "allow_custom_code: true" in settings
     assert "allow_custom_code: false" in (prod / "hospital-b" / "local" / "site.yaml").read_text()
     server = json.loads((prod / "airflow-server" / "startup" / "server.json").read_text())
-    assert server["sites"]["hospital-c"] == {"host": "fl.hospital-c.example", "port": 9102, "org": "hospital_c", "gpus": []}
+    assert server["sites"]["hospital-c"] == {
+        "host": "fl.hospital-c.example", "port": 9102, "org": "hospital_c", "gpus": [], "connect": "outbound"
+    }
+    assert server["sites"]["hospital-b"]["connect"] == "listen"
     assert (prod.parent / "state" / "rootCA.pem").is_file()
 
 

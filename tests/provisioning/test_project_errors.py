@@ -29,7 +29,13 @@ BAD_PROJECTS = {
     "not a mapping": ("- just\n- a list\n", "expected a YAML mapping"),
     "missing name": (GOOD.replace("name: demo\n", ""), "name: missing"),
     "no server": (GOOD.replace("  - {name: server1, type: server, org: lead}\n", ""), "no participant of type 'server'"),
-    "two servers": (with_participant("- {name: server2, type: server, org: lead}"), "exactly one server is expected"),
+    "two relays on one address": (
+        with_participant("- {name: server2, type: server, org: lead, host_names: [server1]}"),
+        "'server2': fed_learn_port: server1:8002 is already the relay address of 'server1'",
+    ),
+    "bad connect": (
+        with_participant("- {name: site-2, type: client, org: a, connect: inbound}"), "'site-2': connect: must be"
+    ),
     "duplicate names": (with_participant("- {name: site-1, type: client, org: b}"), "participant 'site-1': duplicate"),
     "unknown type": (with_participant("- {name: x1, type: worker, org: a}"), "unknown participant type 'worker'"),
     "bad port": (with_participant("- {name: site-2, type: client, org: a, agent_port: 70000}"), "agent_port: bad port 70000"),
@@ -100,8 +106,8 @@ def test_flare_keys_we_do_not_use_are_warnings(sample_project_file: Path):
     assert [p.name for p in project.clients] == ["hospital-a", "hospital-b", "hospital-c"]
     joined = "\n".join(project.warnings)
     assert "HEBuilder ignored" in joined
-    assert "overseer participants are not needed" in joined
-    assert "'overseer' is an NVIDIA FLARE setting" in joined
+    assert "overseer participants are not needed, Airflow's scheduler plays the overseer's part" in joined
+    assert "top-level key 'overseer' ignored: Airflow's scheduler plays the overseer's part" in joined
 
 
 def test_sample_project_settings_are_honoured(sample_project_file: Path):

@@ -15,5 +15,13 @@ if [ -f "$$RUN/agent.pid" ] && kill -0 "$$(cat "$$RUN/agent.pid")" 2>/dev/null; 
   exit 1
 fi
 nohup flare-agent start --kit "$$KIT" "$$@" >>"$$RUN/agent.log" 2>&1 &
-echo $$! >"$$RUN/agent.pid"
-echo "agent for ${site} started (pid $$!), listening on port ${port}; log: $$RUN/agent.log"
+PID=$$!
+echo "$$PID" >"$$RUN/agent.pid"
+# local/site.yaml decides how the agent is reached; without a connect line it dials out.
+MODE="$$(sed -n '/^connect:/{s/^connect:[[:space:]]*\([a-z]*\).*/\1/p;q;}' "$$KIT/local/site.yaml" 2>/dev/null || true)"
+if [ "$$MODE" = listen ]; then
+  REACHED="listening on port ${port}"
+else
+  REACHED='dialling out to the relays ${relays}'
+fi
+echo "agent for ${site} started (pid $$PID), $$REACHED; log: $$RUN/agent.log"

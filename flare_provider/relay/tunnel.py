@@ -1,0 +1,118 @@
+"""The Airflow side's way to a site behind relays: a local entrance gRPC channels dial.
+
+gRPC channels cannot be handed a connection, only an address; so for each site the
+tunnel opens a Unix socket in a private folder of this process, and every connection a
+channel makes there is carried to the site through the first relay (of the kit's list)
+the site is attached to. The channel's own mutual TLS with the agent runs inside, end to
+end: the relay in between sees only ciphertext. One event loop thread per tunnel serves
+every site, for sync clients and triggers alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Sequence
+
+from ..federation.records import safe_name
+from .dial import RelayEndpoint, dial_relay
+from .protocol import RelayProtocolError
+from .splice import BUFFER_LIMIT, splice
+from .tls import TlsIdentity
+
+log = logging.getLogger(__name__)
+
+
+class NoRelayPath(ConnectionError):
+    """No relay of the kit has a path to the site."""
+
+
+class RelayTunnel:
+    """Local entrances to the sites behind ``relays``, for the caller ``identity``."""
+
+    def __init__(self, relays: Sequence[RelayEndpoint], identity: TlsIdentity):
+        if not relays:
+            raise ValueError("a tunnel needs at least one relay")
+        self.relays = tuple(relays)
+        self.identity = identity
+        self._context = identity.context(server_side=False)
+        self._folder = tempfile.mkdtemp(prefix="flare-tunnel-")  # 0700: only this user reaches the sockets
+        self._servers: dict[str, str] = {}
+        self._preferred: dict[str, int] = {}  # site -> index of the relay that last worked
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="flare-relay-tunnel", daemon=True).start()
+        atexit.register(self.close)
+
+    def address(self, site: str) -> str:
+        """A gRPC target for ``site`` (``unix:/...``), opening its entrance on first use."""
+        with self._lock:
+            if site not in self._servers:
+                path = os.path.join(self._folder, f"{safe_name(site)[:80]}.sock")
+                asyncio.run_coroutine_threadsafe(self._listen(site, path), self._loop).result(timeout=10)
+                self._servers[site] = f"unix:{path}"
+            return self._servers[site]
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    async def _listen(self, site: str, path: str) -> None:
+        await asyncio.start_unix_server(lambda r, w: self._carry(site, r, w), path, limit=BUFFER_LIMIT)
+
+    async def _carry(self, site: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            relay_reader, relay_writer, relay = await self.open_path(site)
+        except NoRelayPath as exc:
+            log.warning("%s", exc)
+            writer.close()  # the channel sees the connection fail and reports UNAVAILABLE
+            return
+        log.debug("Path to %s through relay %s", site, relay.name)
+        await splice(reader, writer, relay_reader, relay_writer)
+
+    async def open_path(self, site: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, RelayEndpoint]:
+        """A connection through a relay that the site is attached to, trying the last good relay first."""
+        start = self._preferred.get(site, 0)
+        order = [self.relays[(start + i) % len(self.relays)] for i in range(len(self.relays))]
+        reasons = []
+        for index, relay in enumerate(order):
+            try:
+                reader, writer, _ = await dial_relay(relay, self._context, {"op": "open", "site": site})
+            except (RelayProtocolError, OSError, asyncio.TimeoutError) as exc:
+                reasons.append(f"{relay.name} ({relay.address}): {exc or type(exc).__name__}")
+                continue
+            self._preferred[site] = (start + index) % len(self.relays)
+            return reader, writer, relay
+        raise NoRelayPath(f"no relay has a path to site {site!r}: " + "; ".join(reasons))
+
+    async def relay_status(self, relay: RelayEndpoint) -> dict:
+        """What ``relay`` says of its attached sites."""
+        reader, writer, reply = await dial_relay(relay, self._context, {"op": "status"})
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+        return reply
+
+    def run(self, coro, timeout: float | None = None):
+        """Run a coroutine on the tunnel's loop from another thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+
+_tunnels: dict[tuple, RelayTunnel] = {}
+_tunnels_lock = threading.Lock()
+
+
+def tunnel_for(relays: Sequence[RelayEndpoint], identity: TlsIdentity) -> RelayTunnel:
+    """The process's tunnel for these relays and this caller (one per pair, shared by all clients)."""
+    key = (tuple(relays), identity.cert_pem)
+    with _tunnels_lock:
+        if key not in _tunnels:
+            _tunnels[key] = RelayTunnel(relays, identity)
+        return _tunnels[key]
