@@ -16,15 +16,16 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import aggregation, gpu, large_model, overhead, snapshot
+from . import aggregation, gpu, large_model, overhead, relay, snapshot
 from .common import MIB, Section, load_average, local_s3, machine
 
-BENCHMARKS = ("overhead", "large", "aggregation", "snapshot", "gpu")
+BENCHMARKS = ("overhead", "large", "aggregation", "snapshot", "gpu", "relay")
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
 # Sizes for a smoke test: every benchmark in seconds, proving it runs and makes its tables.
 QUICK = {
     "sites": [2], "rounds": 2, "stores": ["file", "s3"], "model_mib": 8, "large_sites": 2, "large_rounds": 1,
     "updates": 2, "update_mib": 4, "snapshot_mib": 8, "repeats": 1, "cpu_samples": 512, "cpu_epochs": 2,
+    "relay_sites": [2], "relay_rounds": 2, "relay_wire_mib": 8, "relay_many": 4,
 }
 
 
@@ -51,6 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group = parser.add_argument_group("training throughput")
     group.add_argument("--cpu-samples", type=int, help="samples of the CPU workload")
     group.add_argument("--cpu-epochs", type=int, help="epochs of the CPU workload")
+    group = parser.add_argument_group("through a relay")
+    group.add_argument("--relay-sites", type=int, nargs="+", default=[2, 8], help="federation sizes (default: 2 8)")
+    group.add_argument("--relay-rounds", type=int, default=10)
+    group.add_argument("--relay-wire-mib", type=int, default=256, help="model size of the wire figures")
+    group.add_argument("--relay-many", type=int, default=32, help="sites attached to one relay (default: 32)")
     args = parser.parse_args(argv)
     unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
     if unknown:
@@ -74,6 +80,8 @@ def command(name: str, args: argparse.Namespace) -> str:
         "gpu": ("--gpu " if args.gpu else "") + f"--repeats {args.repeats}" + (
             f" --cpu-samples {args.cpu_samples}" if args.cpu_samples else "") + (
             f" --cpu-epochs {args.cpu_epochs}" if args.cpu_epochs else ""),
+        "relay": f"--relay-sites {' '.join(map(str, args.relay_sites))} --relay-rounds {args.relay_rounds} "
+                 f"--relay-wire-mib {args.relay_wire_mib} --relay-many {args.relay_many}",
     }
     return f"python -m bench {name} {options[name]}" + (" --quick" if args.quick else "")
 
@@ -88,6 +96,8 @@ def run_one(name: str, args: argparse.Namespace, work: Path, s3) -> Section:
         return aggregation.run(work, args.updates, args.update_mib * MIB, args.repeats, cmd)
     if name == "snapshot":
         return snapshot.run(work, s3, args.snapshot_mib * MIB, args.repeats, cmd)
+    if name == "relay":
+        return relay.run(work, args.relay_sites, args.relay_rounds, args.relay_wire_mib * MIB, args.relay_many, cmd)
     cpu = gpu.CPU_WORKLOAD
     if args.cpu_samples:
         cpu = replace(cpu, samples=args.cpu_samples)

@@ -195,12 +195,21 @@ class Section:
 
 
 @contextlib.contextmanager
-def local_federation(root: Path, name: str, num_sites: int, *, gpus: tuple[int, ...] = ()) -> Iterator[LocalFederation]:
-    """``num_sites`` agents on loopback (mutual TLS) whose sites run apps' custom code; stopped on exit."""
-    fed = prepare(root, name, num_sites, digits_data=False)
+def local_federation(
+    root: Path, name: str, num_sites: int, *, gpus: tuple[int, ...] = (), connect: str = "listen",
+    preload_modules: list[str] | None = None,
+) -> Iterator[LocalFederation]:
+    """``num_sites`` agents on loopback (mutual TLS) whose sites run apps' custom code; stopped on exit.
+
+    ``connect="outbound"``: the sites dial out to one relay process and the rounds go through it.
+    """
+    fed = prepare(root, name, num_sites, digits_data=False, connect=connect)
     for site in fed.sites:
         # The benchmark apps bring their own trainer: each site opts in, as a site's IT would.
-        fed.set_site_settings(site, allow_custom_code=True, gpus=list(gpus))
+        changes: dict = {"allow_custom_code": True, "gpus": list(gpus)}
+        if preload_modules is not None:
+            changes["preload_modules"] = preload_modules
+        fed.set_site_settings(site, **changes)
         fed.data_dir(site).mkdir(exist_ok=True)
     try:
         fed.start_agents()

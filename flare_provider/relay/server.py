@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..provisioning.certs import PeerIdentity
+from .loops import new_event_loop
 from .protocol import OPEN_TIMEOUT_S, RelayProtocolError, read_message, write_message
 from .splice import BUFFER_LIMIT, splice
 from .tls import TlsIdentity, peer_identity
@@ -204,4 +205,8 @@ def run_relay(name: str, identity: TlsIdentity, host: str, port: int) -> None:
         await relay.close()
 
     log.info("Relay %s starting (pid %d)", name, os.getpid())
-    asyncio.run(main())
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()

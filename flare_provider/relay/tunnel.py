@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from ..federation.records import safe_name
 from .dial import RelayEndpoint, dial_relay
+from .loops import new_event_loop
 from .protocol import RelayProtocolError
 from .splice import BUFFER_LIMIT, splice
 from .tls import TlsIdentity
@@ -43,21 +44,22 @@ class RelayTunnel:
         self.identity = identity
         self._context = identity.context(server_side=False)
         self._folder = tempfile.mkdtemp(prefix="flare-tunnel-")  # 0700: only this user reaches the sockets
-        self._servers: dict[str, str] = {}
+        self._addresses: dict[str, str] = {}
+        self._listeners: list[asyncio.AbstractServer] = []  # held: a server nobody references may be closed
         self._preferred: dict[str, int] = {}  # site -> index of the relay that last worked
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="flare-relay-tunnel", daemon=True).start()
         atexit.register(self.close)
 
     def address(self, site: str) -> str:
         """A gRPC target for ``site`` (``unix:/...``), opening its entrance on first use."""
         with self._lock:
-            if site not in self._servers:
+            if site not in self._addresses:
                 path = os.path.join(self._folder, f"{safe_name(site)[:80]}.sock")
                 asyncio.run_coroutine_threadsafe(self._listen(site, path), self._loop).result(timeout=10)
-                self._servers[site] = f"unix:{path}"
-            return self._servers[site]
+                self._addresses[site] = f"unix:{path}"
+            return self._addresses[site]
 
     def close(self) -> None:
         if self._loop.is_running():
@@ -65,7 +67,9 @@ class RelayTunnel:
         shutil.rmtree(self._folder, ignore_errors=True)
 
     async def _listen(self, site: str, path: str) -> None:
-        await asyncio.start_unix_server(lambda r, w: self._carry(site, r, w), path, limit=BUFFER_LIMIT)
+        self._listeners.append(
+            await asyncio.start_unix_server(lambda r, w: self._carry(site, r, w), path, limit=BUFFER_LIMIT)
+        )
 
     async def _carry(self, site: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flare_provider.relay.dial import HttpProxy, RelayEndpoint, dial_relay
+from flare_provider.relay.loops import new_event_loop
 from flare_provider.relay.protocol import (
     PING_INTERVAL_S,
     PING_TIMEOUT_S,
@@ -65,7 +66,7 @@ class OutboundConnector:
         self.ping_interval = ping_interval
         self.states = {relay.name: AttachmentState(relay) for relay in relays}
         self._context = identity.context(server_side=False)
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._run, name="flare-outbound", daemon=True)
         self._stopping: asyncio.Event | None = None
         self._paths: set[asyncio.Task] = set()

@@ -24,6 +24,8 @@ EXPECTED = {
     "aggregation": (["FedAvg throughput", "Where the time goes (in turn)"], 2),
     "snapshot": (["8 MiB model, moto S3 server on loopback", "Where the time goes"], 2),
     "gpu": (["Samples per second"], 2),
+    "relay": (["Round overhead (plus-one app, training time taken out)", "Wire: one 8 MiB upload and download, each alone",
+               "Relay memory", "4 sites attached to one relay"], 1),
 }
 
 
