@@ -3,6 +3,10 @@
 #
 #   docker build -f docker/agent.Dockerfile -t flare-agent:latest .
 #
+# The image also carries the `flare` command without Airflow: docker/compose.yaml runs its
+# provisioning (flare provision) and the server's relay (flare relay start --kit /kit,
+# checked by flare-relay-healthcheck) from it.
+#
 # Contract with the kit's startup/docker.sh and docker/compose.yaml:
 #   /kit/startup, /kit/local  the site's kit, mounted read-only (startup/ is signed)
 #   /data                     the site's data, mounted read-only
@@ -59,6 +63,7 @@ RUN set -eux; \
     chown flare:flare /data /work
 
 COPY --chmod=0755 docker/agent_healthcheck.py /usr/local/bin/flare-agent-healthcheck
+COPY --chmod=0755 docker/relay_healthcheck.py /usr/local/bin/flare-relay-healthcheck
 
 USER ${FLARE_UID}:${FLARE_UID}
 WORKDIR /work

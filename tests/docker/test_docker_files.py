@@ -319,32 +319,105 @@ def test_compose_variables_are_documented(compose):
     assert secrets and all(example[n] == "" for n in secrets if secret.search(n)), "example.env must hold no secret"
 
 
+# Services that call the sites' agents, through the relay: rounds, deferred rounds, the
+# Federation page and `flare status`.
+SITE_CALLERS = {"airflow-worker", "airflow-triggerer", "airflow-apiserver"}
+HARDENED = {"read_only": True, "cap_drop": ["ALL"], "security_opt": ["no-new-privileges:true"]}
+
+
+def network_members(services: dict[str, dict]) -> dict[str, set[str]]:
+    members: dict[str, set[str]] = {}
+    for name, service in services.items():
+        for network in service.get("networks", ()):
+            members.setdefault(network, set()).add(name)
+    return members
+
+
+def relay_services(services, compose_project) -> dict[str, dict]:
+    """The relay service of each server participant, at the name the kits give its host."""
+    return {server.relay_host: services[server.relay_host] for server in compose_project.servers}
+
+
 def test_compose_sites_match_the_project(services, compose_project):
-    federation = {name for name, s in services.items() if "federation" in s.get("networks", ())}
     provision = services["flare-provision"]
     provision_mounts = {split_volume(v)[1]: split_volume(v)[0] for v in provision["volumes"]}
     project_file = provision["environment"]["FLARE_PROJECT_FILE"]
     assert Path(DOCKER / provision_mounts[project_file]).resolve() == COMPOSE_PROJECT_FILE
     agents = set()
     for site in compose_project.clients:
-        agents.add(site.agent_host)
-        agent = services[site.agent_host]  # the workers reach each site at its service name
-        assert dockerfile_of(agent) == AGENT_DOCKERFILE and "ports" not in agent
+        assert site.connect == "outbound", f"{site.name} does not dial out in docker/project.yml"
+        agents.add(site.name)
+        agent = services[site.name]
+        assert dockerfile_of(agent) == AGENT_DOCKERFILE
+        # Dialling out, the agent listens on no port: nothing to publish or expose.
+        assert "ports" not in agent and "expose" not in agent, f"{site.name} offers a port"
+        assert {k: agent.get(k) for k in HARDENED} == HARDENED, f"{site.name} is not locked down"
         mounts = {split_volume(v)[1]: split_volume(v) for v in agent["volumes"]}
         assert {target: mode for target, (_, _, mode) in mounts.items()} == KIT_MOUNTS
         for part in ("startup", "local"):
             assert provision_mounts[f"/kits/{site.name}/{part}"] == mounts[f"/kit/{part}"][0]
     assert agents == {"hospital-a", "hospital-b"}
-    assert federation == agents | {"airflow-worker", "airflow-triggerer"}
     server_volume = provision_mounts[f"/kits/{compose_project.server.name}"]
     init = services["airflow-init"]
     (kit_target,) = [t for s, t, m in map(split_volume, init["volumes"]) if s == server_volume and m == "ro"]
     assert f"connections import --overwrite {kit_target}/startup/connections.json" in init["command"][0]
 
 
-def test_gpu_overlay_reserves_gpus_for_agents_only(services):
+def test_compose_runs_each_servers_relay_from_its_kit(services, compose_project):
+    from flare_provider.cli import build_parser
+
+    provision = services["flare-provision"]
+    provision_mounts = {split_volume(v)[1]: split_volume(v)[0] for v in provision["volumes"]}
+    relays = relay_services(services, compose_project)
+    assert list(relays) == ["airflow-server"]
+    for server in compose_project.servers:
+        name = server.relay_host
+        relay = relays[name]
+        assert name == server.name, "the relay's host must be a name in the server's certificate"
+        command = command_words(relay["entrypoint"]) + command_words(relay["command"])
+        assert command == ["flare", "relay", "start", "--kit", "/kit"]
+        args = build_parser().parse_args(command[1:])
+        assert args.func.__name__ == "cmd_relay_start"
+        # The server's kit, as flare-provision publishes it, read-only; run as its owner.
+        assert relay["volumes"] == [f"{provision_mounts[f'/kits/{server.name}']}:/kit:ro"]
+        assert relay["user"] == provision["environment"]["FLARE_SERVER_KIT_OWNER"]
+        assert relay["depends_on"]["flare-provision"]["condition"] == "service_completed_successfully"
+        assert {k: relay.get(k) for k in HARDENED} == HARDENED, f"{name} is not locked down"
+        assert "/tmp" in relay.get("tmpfs", ()), f"{name}: TLS needs a writable /tmp"
+        # Reached on the compose networks at the server's fed_learn_port, published nowhere.
+        assert relay["expose"] == [str(server.fed_learn_port)] and "ports" not in relay
+        assert relay["healthcheck"]["test"] == ["CMD", "flare-relay-healthcheck"]
+        assert relay["restart"] == "unless-stopped"
+        assert "deploy" not in relay
+
+
+def test_compose_networks_let_only_the_relay_reach_the_sites(compose, services, compose_project):
+    sites = {site.name for site in compose_project.clients}
+    relays = set(relay_services(services, compose_project))
+    members = network_members(services)
+    for name in sites:
+        for network in services[name]["networks"]:
+            # A site shares its networks with the relays only.
+            others = members[network] - sites - relays
+            assert not others, f"{name} shares {network} with {others}"
+            assert compose["networks"][network].get("internal") is True, f"{network} lets {name} out"
+    for relay in relays:
+        assert any(sites <= members[n] for n in services[relay]["networks"]), f"{relay}: sites cannot attach"
+        for caller in SITE_CALLERS:
+            shared = set(services[caller]["networks"]) & set(services[relay]["networks"])
+            assert shared, f"{caller} cannot reach the relay {relay}"
+            assert not shared & {n for s in sites for n in services[s]["networks"]}, (
+                f"{caller} shares a network with the sites"
+            )
+    # Nothing but the Airflow components that call sites joins the relays' networks.
+    relay_networks = {n for relay in relays for n in services[relay]["networks"]}
+    joined = {name for n in relay_networks for name in members[n]}
+    assert joined == sites | relays | SITE_CALLERS
+
+
+def test_gpu_overlay_reserves_gpus_for_sites_only(services, compose_project):
     overlay = load_yaml(GPU_COMPOSE_FILE)["services"]
-    assert overlay
+    assert set(overlay) == {site.name for site in compose_project.clients}
     for name, service in overlay.items():
         assert dockerfile_of(services[name]) == AGENT_DOCKERFILE, f"{name} is no agent"
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]

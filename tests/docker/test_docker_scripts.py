@@ -1,5 +1,6 @@
 """The deployment's scripts, run for real: the kit's docker.sh, compose's provisioning and
-health checks, the demo data and the Airflow image check.
+health checks, the relay and an agent that dials out to it as compose runs them, the demo
+data and the Airflow image check.
 
 ``docker`` itself is not available here: docker.sh runs against a stand-in ``docker``
 on PATH that records its arguments, so the test sees the exact ``docker run`` line. The
@@ -259,9 +260,12 @@ def test_provisioning_publishes_each_kit_into_its_volumes(compose_kits):
     for site in project.clients:
         startup = kits / site.name / "startup"
         assert verify_folder(startup).ok
-        assert json.loads((startup / "agent.json").read_text())["agent_host"] == site.agent_host
+        agent_config = json.loads((startup / "agent.json").read_text())
+        # The site dials out to the relay compose runs as the service named like the server.
+        assert agent_config["relays"] == [{"name": "airflow-server", "host": "airflow-server", "port": 8002}]
         assert stat.S_IMODE((startup / f"{site.name}.key").stat().st_mode) == 0o600
-        assert "data_dir: data" in (kits / site.name / "local" / "site.yaml").read_text()
+        settings = (kits / site.name / "local" / "site.yaml").read_text()
+        assert "data_dir: data" in settings and "\nconnect: outbound\n" in settings
         # The agent's user can read its key; nobody else is given anything.
         assert tree_owners(startup) | tree_owners(kits / site.name / "local") == {AGENT_OWNER}
     server = kits / project.server.name
@@ -269,6 +273,8 @@ def test_provisioning_publishes_each_kit_into_its_volumes(compose_kits):
     assert tree_owners(server) == {SERVER_OWNER}
     connection = json.loads((server / "startup" / "connections.json").read_text())[connection_id(project.name)]
     assert set(json.loads(connection["extra"])["sites"]) == {"hospital-a", "hospital-b"}
+    # The relay starts from this kit: it says where to listen.
+    assert json.loads((server / "startup" / "server.json").read_text())["relay"]["port"] == 8002
     # Admin kits have no volume: they stay in the workspace only.
     assert not (kits / project.admins[0].name).exists()
     assert (root / "workspace" / project.name / "prod_01" / project.admins[0].name / "startup").is_dir()
@@ -288,7 +294,7 @@ def test_provisioning_again_keeps_site_kits_and_adds_sites(tmp_path):
     # A third site: its volumes appear, the project names it; the next run issues only it.
     text = project_file.read_text().replace(
         "  - name: admin@lead-lab.example",
-        "  - name: hospital-c\n    type: client\n    org: hospital_c\n    agent_host: hospital-c\n    connect: listen\n"
+        "  - name: hospital-c\n    type: client\n    org: hospital_c\n    connect: outbound\n"
         "  - name: admin@lead-lab.example",
     )
     project_file.write_text(text)
@@ -319,7 +325,7 @@ def test_provisioning_names_a_missing_project_file(tmp_path):
     assert not (tmp_path / "ws").exists()
 
 
-# Reads a connection as a worker does and prints the sites the hook finds (never the key).
+# Reads a connection as a worker does and prints how it reaches the sites (never the key).
 _READ_CONNECTION = """
 import json, sys
 from airflow.models.connection import Connection
@@ -329,7 +335,8 @@ from flare_provider.hooks.flare import FlareHook
 with create_session() as session:
     conn = session.scalar(select(Connection).where(Connection.conn_id == sys.argv[1]))
     kit = FlareHook.kit_from_connection(conn)
-print(json.dumps({name: site.address for name, site in kit.sites.items()}))
+print(json.dumps({"sites": {name: site.connect for name, site in kit.sites.items()},
+                  "relays": [relay.address for relay in kit.relays]}))
 """
 
 
@@ -351,7 +358,10 @@ def test_airflow_init_imports_the_published_server_kit(compose_kits, airflow_db)
             assert "PRIVATE KEY" not in result.stdout + result.stderr
         result = run([sys.executable, "-c", _READ_CONNECTION, connection_id(project.name)], env=env)
         assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout) == {"hospital-a": "hospital-a:8102", "hospital-b": "hospital-b:8102"}
+        assert json.loads(result.stdout) == {
+            "sites": {"hospital-a": "outbound", "hospital-b": "outbound"},
+            "relays": ["airflow-server:8002"],  # the relay service, on the compose network
+        }
     finally:  # encrypted with this test's key: no other test could read it
         delete_connection(connection_id(project.name))
 
@@ -423,8 +433,107 @@ def test_agent_serves_from_the_image_layout_and_stops_on_sigterm(container_kit):
 
 def test_agent_healthcheck_reports_a_kit_it_cannot_read(tmp_path):
     result = healthcheck(tmp_path)
-    assert result.returncode == 1 and "cannot tell the agent's port" in result.stderr
-    assert "agent.json" in result.stderr
+    assert result.returncode == 1 and "unhealthy: cannot tell where the agent serves" in result.stderr
+    assert "site.yaml" in result.stderr
+
+
+# ---- the relay and an agent that dials out, as compose runs them ------------------------------
+
+
+@pytest.fixture(scope="module")
+def relay_kits(tmp_path_factory) -> tuple[Path, Path, Path, int]:
+    """A server kit and an outbound site's kit published by provision_kits.sh, the site's laid
+    out as in the agent image; the relay is reached on loopback at a free port."""
+    root = tmp_path_factory.mktemp("relay")
+    port = free_port()
+    project_file = root / "project.yml"
+    project_file.write_text(
+        "api_version: 3\nname: relay_check\nparticipants:\n"
+        f"  - {{name: server, type: server, org: lead, host_names: [127.0.0.1], fed_learn_port: {port}}}\n"
+        "  - {name: site-1, type: client, org: org_a, connect: outbound}\n"
+    )
+    kits = root / "kits"
+    for part in ("site-1/startup", "site-1/local", "server"):
+        (kits / part).mkdir(parents=True)
+    provision_kits(project_file, root / "workspace", kits)
+    site = kits / "site-1"
+    for name in ("data", "work"):
+        (root / name).mkdir()
+        (site / name).symlink_to(root / name)
+    return kits / "server", site, root, port
+
+
+def relay_healthcheck(kit: Path, *args: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, str(DOCKER / "relay_healthcheck.py"), "--kit", str(kit), *args], timeout=30)
+
+
+def stop(process: subprocess.Popen) -> int:
+    """SIGTERM, as ``docker stop`` sends; the exit status (a kill past the timeout fails the test)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=STOP_TIMEOUT)
+            pytest.fail(f"{process.args[0]} did not stop on SIGTERM")
+    return process.returncode
+
+
+def test_site_reached_through_the_relay_as_compose_runs_them(relay_kits):
+    server_kit, site_kit, root, port = relay_kits
+    unhealthy = relay_healthcheck(server_kit)
+    assert unhealthy.returncode == 1 and f"127.0.0.1:{port}" in unhealthy.stderr  # nothing listens yet
+    logs = root / "logs"
+    logs.mkdir()
+    # The relay service's command (loopback only for the test), then the site's agent.
+    with (logs / "relay.log").open("w") as relay_log, (logs / "agent.log").open("w") as agent_log:
+        relay = subprocess.Popen(
+            [str(BIN / "flare"), "relay", "start", "--kit", str(server_kit), "--host", "127.0.0.1"],
+            stdout=subprocess.DEVNULL,
+            stderr=relay_log,
+        )
+        agent = None
+        try:
+            wait_until(lambda: relay.poll() is not None or relay_healthcheck(server_kit).returncode == 0,
+                       START_TIMEOUT, "the relay")
+            assert relay.poll() is None, (logs / "relay.log").read_text()
+            healthy = relay_healthcheck(server_kit)
+            assert f"the relay accepts connections on 127.0.0.1:{port}" in healthy.stdout
+            agent = subprocess.Popen(
+                [str(BIN / "flare-agent"), "start", "--kit", str(site_kit)],
+                stdout=subprocess.DEVNULL,
+                stderr=agent_log,
+            )
+            wait_until(
+                lambda: agent.poll() is not None or "attached to relay server" in (logs / "agent.log").read_text(),
+                START_TIMEOUT,
+                "the agent to attach to the relay",
+            )
+            assert agent.poll() is None, (logs / "agent.log").read_text()
+            # The agent listens on no port: its health check finds its Unix socket.
+            site_health = healthcheck(site_kit)
+            assert site_health.returncode == 0 and "dials out to its relays" in site_health.stdout, site_health.stderr
+            # The Airflow side's identity reaches the site through the relay, as `flare status` does.
+            status = run([str(BIN / "flare"), "status", "--kit", str(server_kit)], timeout=60)
+            assert status.returncode == 0, status.stdout + status.stderr
+            (row,) = [line.split() for line in status.stdout.splitlines() if line.startswith("site-1")]
+            assert row[2] == "up", status.stdout
+            assert stop(agent) == 0, (logs / "agent.log").read_text()
+            assert stop(relay) == 0, (logs / "relay.log").read_text()
+        finally:
+            for process in (agent, relay):
+                if process is not None and process.poll() is None:
+                    process.kill()
+                    process.wait(timeout=STOP_TIMEOUT)
+    assert relay_healthcheck(server_kit).returncode == 1
+    assert "PRIVATE KEY" not in (logs / "relay.log").read_text() + (logs / "agent.log").read_text()
+
+
+def test_relay_healthcheck_reports_a_kit_it_cannot_read(tmp_path):
+    result = relay_healthcheck(tmp_path)
+    assert result.returncode == 1 and "unhealthy: cannot tell the relay's port" in result.stderr
+    assert "server.json" in result.stderr
 
 
 # ---- the Airflow image's health check and build check -----------------------------------------
