@@ -154,7 +154,7 @@ def test_kit_docker_sh_runs_the_image_with_the_kit_read_only(site_kit, fake_dock
     assert key_owner.split(":")[0] != "0"
     assert option_values(argv, "--user") == [key_owner]
     assert owner(site_kit / "work") == key_owner  # the agent can write its work folder
-    assert option_values(argv, "--publish") == ["8102:8102"]
+    assert option_values(argv, "--publish") == []  # it dials out to the relays: no port at all
     assert "--read-only" in argv and option_values(argv, "--cap-drop") == ["ALL"]
     assert option_values(argv, "--stop-signal") == ["SIGTERM"]
     assert "--gpus" not in argv and option_values(argv, "--env") == ["NVIDIA_VISIBLE_DEVICES=void"]
@@ -173,6 +173,8 @@ def test_kit_docker_sh_passes_gpus_through_when_the_host_has_them(site_kit, fake
 
 
 def test_kit_docker_sh_takes_host_folders_image_and_address(site_kit, fake_docker, tmp_path):
+    settings = site_kit / "local" / "site.yaml"
+    settings.write_text(settings.read_text().replace("connect: outbound", "connect: listen"))  # a LAN site
     data, work = tmp_path / "elsewhere-data", tmp_path / "elsewhere-work"
     data.mkdir()
     _, argv = docker_sh(

@@ -16,9 +16,11 @@
 #   FLARE_AGENT_IMAGE  image to run (default: the kit's)
 #   GPUS               "all", a docker --gpus value such as '"device=0,1"', or "none";
 #                      default: all when nvidia-smi works here, else none
-#   BIND_ADDRESS       host address to publish port ${port} on (default: every address;
-#                      Docker's port rules bypass host firewalls such as ufw, so prefer the
-#                      address the Airflow workers reach)
+#   BIND_ADDRESS       with connect: listen in local/site.yaml, the host address to publish
+#                      port ${port} on (default: every address; Docker's port rules bypass
+#                      host firewalls such as ufw, so prefer the address the Airflow workers
+#                      reach). With connect: outbound (the default) nothing is published:
+#                      the agent dials out to the relays and listens on no port.
 #   SHM_SIZE           shared memory for PyTorch's data loaders (default 2g)
 #   RUN_AS             uid:gid the agent runs as (default: the owner of the kit's key)
 set -euo pipefail
@@ -55,6 +57,11 @@ if ! grep -Eq '^data_dir:[[:space:]]*data[[:space:]]*$$' "$$KIT/local/site.yaml"
   echo "warning: local/site.yaml should say 'data_dir: data' and 'work_dir: work' for the container; other folders are not where DATA_DIR and WORK_DIR are mounted" >&2
 fi
 
+PORT_ARGS=()
+if grep -Eq '^connect:[[:space:]]*listen[[:space:]]*$$' "$$KIT/local/site.yaml"; then
+  PORT_ARGS=(--publish "$${BIND_ADDRESS:+$$BIND_ADDRESS:}$$PORT:$$PORT")
+fi
+
 GPU_ARGS=()
 GPUS="$${GPUS:-auto}"
 if [ "$$GPUS" = auto ]; then
@@ -72,7 +79,7 @@ exec docker run --rm --name "flare-agent-$${SITE//[^A-Za-z0-9_.-]/_}" \
   --cap-drop ALL --security-opt no-new-privileges \
   --shm-size "$$SHM_SIZE" \
   --stop-signal SIGTERM --stop-timeout 30 \
-  --publish "$${BIND_ADDRESS:+$$BIND_ADDRESS:}$$PORT:$$PORT" \
+  "$${PORT_ARGS[@]}" \
   --volume "$$KIT/startup:/kit/startup:ro" \
   --volume "$$KIT/local:/kit/local:ro" \
   --volume "$$DATA_DIR:/data:ro" \
