@@ -64,6 +64,27 @@ class CallerKit:
     sites: dict[str, SiteEndpoint] = field(default_factory=dict)
     relays: tuple[RelayEndpoint, ...] = ()
 
+    def relay_statuses(self, timeout: float = 5.0) -> dict[str, "dict | Exception"]:
+        """What each relay says of the sites attached to it, or the error asking it gave; never raising."""
+        if not self.relays:
+            return {}
+        import asyncio
+
+        from ..relay.tunnel import tunnel_for
+
+        tunnel = tunnel_for(self.relays, TlsIdentity(self.cert_pem, self.key_pem, self.root_ca_pem))
+
+        async def ask(relay: RelayEndpoint) -> "dict | Exception":
+            try:
+                return await asyncio.wait_for(tunnel.relay_status(relay), timeout)
+            except Exception as exc:  # reported per relay, like an unreachable site
+                return exc
+
+        async def ask_all() -> list:
+            return await asyncio.gather(*(ask(r) for r in self.relays))
+
+        return dict(zip((r.name for r in self.relays), tunnel.run(ask_all(), timeout + 5), strict=True))
+
     def address(self, site: str) -> str:
         """Where a gRPC channel reaches ``site``: its own address, or an entrance to the relays it dials."""
         endpoint = self.endpoint(site)

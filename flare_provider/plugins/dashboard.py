@@ -55,6 +55,8 @@ class SiteView:
     apps: list[dict[str, Any]] = field(default_factory=list)
     tasks: list[dict[str, Any]] = field(default_factory=list)
     up_since: str = ""
+    connect: str = "listen"
+    attachments: list[dict[str, str]] = field(default_factory=list)  # outbound: relay, since, last ping
 
 
 @dataclass
@@ -63,6 +65,7 @@ class ConnectionView:
     project: str = ""
     sites: list[SiteView] = field(default_factory=list)
     error: str = ""
+    relay_errors: dict[str, str] = field(default_factory=dict)  # relay -> why it did not answer
 
     @property
     def reachable(self) -> int:
@@ -80,16 +83,27 @@ def connection_sites(conn_id: str, timeout: float) -> ConnectionView:
     except Exception as exc:  # a missing or malformed connection is shown, not raised
         return ConnectionView(conn_id, error=reason(exc))
     view = ConnectionView(conn_id, kit.project)
+    attachments: dict[str, list[dict[str, str]]] = {}
+    for relay, answer in kit.relay_statuses(timeout).items():
+        if isinstance(answer, Exception):
+            view.relay_errors[relay] = reason(answer)
+            continue
+        for entry in answer.get("sites", []):
+            attachments.setdefault(entry.get("site"), []).append(
+                {"relay": relay, "since": utc(entry.get("since")), "last_ping": utc(entry.get("last_ping"))}
+            )
     for name in sorted(statuses):
         endpoint = kit.sites[name]
         status = statuses[name]
+        address = endpoint.address if endpoint.connect == "listen" else "dials out to the relays"
+        common = {"connect": endpoint.connect, "attachments": attachments.get(name, [])}
         if isinstance(status, Exception):
-            view.sites.append(SiteView(name, endpoint.address, endpoint.org, False, error=reason(status)))
+            view.sites.append(SiteView(name, address, endpoint.org, False, error=reason(status), **common))
             continue
         view.sites.append(
             SiteView(
                 name,
-                endpoint.address,
+                address,
                 status.org or endpoint.org,
                 True,
                 version=status.version,
@@ -105,6 +119,7 @@ def connection_sites(conn_id: str, timeout: float) -> ConnectionView:
                     for t in status.active_tasks
                 ],
                 up_since=utc(status.started_at),
+                **common,
             )
         )
     return view
