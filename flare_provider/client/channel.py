@@ -9,7 +9,14 @@ import grpc
 from ..wire.chunks import MAX_MESSAGE_BYTES
 
 DEFAULT_TIMEOUT = 30.0  # seconds for a short call (status, get, acknowledge, abort)
-DEFAULT_TRANSFER_TIMEOUT = 3600.0  # seconds for an upload or a download of weights
+# Transfers of weights have no bound on their total time (None): a large model on a slow
+# link takes as long as it takes. They end when nothing moves for DEFAULT_IDLE_TIMEOUT.
+DEFAULT_TRANSFER_TIMEOUT = None
+# Seconds without a byte moving before a transfer is given up. Generous: on resuming an
+# upload after its restart, the agent reads the bytes it kept once before taking more.
+DEFAULT_IDLE_TIMEOUT = 120.0
+DEFAULT_RESUME_ATTEMPTS = 5  # resumes in a row that move no byte before a cut transfer is given up
+RESUME_BACKOFF_S = (0.2, 5.0)  # first and longest wait before resuming a cut transfer
 DEFAULT_MAX_RESULT_BYTES = 8 << 30
 RECONNECT_BACKOFF_MS = 3_000  # longest wait between attempts to reach a site that was down
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -35,6 +35,22 @@ class AppVersion:
 
 
 @dataclass(frozen=True)
+class RelayAttachment:
+    """One relay a site dials out to, as its agent reports it."""
+
+    relay: str  # the relay's participant name
+    address: str  # host:port the agent dials
+    connected_since: float  # seconds since the epoch; 0 while not connected
+    last_ping: float  # seconds since the epoch of the last keepalive answered
+    attached: bool
+    error: str  # why the last attempt failed ("" when attached)
+
+    @classmethod
+    def from_message(cls, m: agent_pb2.RelayAttachment) -> "RelayAttachment":
+        return cls(m.relay, m.address, m.connected_since, m.last_ping, m.attached, m.error)
+
+
+@dataclass(frozen=True)
 class AgentStatus:
     project: str
     site: str
@@ -47,6 +63,7 @@ class AgentStatus:
     task_counts: dict[str, int]
     started_at: float
     caller: dict[str, str]  # how the agent identified us: name, org, kind, role
+    attachments: list[RelayAttachment] = field(default_factory=list)  # empty for a site that listens
 
     @classmethod
     def from_message(cls, m: agent_pb2.AgentStatus) -> "AgentStatus":
@@ -62,6 +79,7 @@ class AgentStatus:
             task_counts=dict(m.task_counts),
             started_at=m.started_at,
             caller={"name": m.caller.name, "org": m.caller.org, "kind": m.caller.kind, "role": m.caller.role},
+            attachments=[RelayAttachment.from_message(a) for a in m.attachments],
         )
 
 

@@ -1,44 +1,99 @@
-"""The synchronous client of one site's agent: operators, the ``flare`` CLI, the run engine."""
+"""The synchronous client of one site's agent: operators, the ``flare`` CLI, the run engine.
+
+Uploads of global weights and downloads of results survive a cut connection: the
+client asks where the other end is and sends or fetches only the rest (see
+:mod:`.transfer`), and gives a transfer up when nothing moved for ``idle_timeout``
+seconds rather than after a total time.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from ..wire import agent_pb2, agent_pb2_grpc
-from ..wire.chunks import DEFAULT_CHUNK_SIZE, PayloadError, PayloadTooLarge, read_header, receive_payload, send_payload
+from ..wire.chunks import (
+    DEFAULT_CHUNK_SIZE,
+    PayloadError,
+    PayloadTooLarge,
+    PayloadTruncated,
+    PayloadWriter,
+    check_announced_size,
+    format_bytes,
+    payload_size,
+    read_header,
+    send_payload,
+)
 from ..wire.task_state import TaskState
 from .channel import (
+    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_RESULT_BYTES,
+    DEFAULT_RESUME_ATTEMPTS,
     DEFAULT_TRANSFER_TIMEOUT,
+    RESUME_BACKOFF_S,
     AgentCaller,
 )
 from .kit import load_caller_kit
 from .replies import AgentError, AgentStatus, AppVersion
+from .transfer import (
+    AGENT_SAYS_RESUME,
+    IdleWatchdog,
+    PartialDownload,
+    StartOver,
+    TransferStalled,
+    TransferStats,
+    counted,
+    describe_failure,
+    held_bytes,
+    is_cut,
+    payload_identity,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# Codes after which the bytes of a download kept so far are of no use.
+_RESULT_GONE = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 class AgentClient(AgentCaller):
-    """A synchronous client of one site's agent. Use as a context manager, or call close()."""
+    """A synchronous client of one site's agent. Use as a context manager, or call close().
+
+    :param idle_timeout: seconds without a byte of a transfer moving before it is given
+        up (None: never); a transfer as such has no time limit.
+    :param transfer_timeout: an optional bound on a whole transfer's time (None: none).
+    :param resume_attempts: resumes in a row that move no byte before a cut transfer is
+        given up.
+    ``last_transfer`` holds the :class:`~.transfer.TransferStats` of the latest upload
+    or download (with one thread per client, as the run engine has).
+    """
 
     def __init__(
         self,
         *args: Any,
-        transfer_timeout: float = DEFAULT_TRANSFER_TIMEOUT,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        transfer_timeout: float | None = DEFAULT_TRANSFER_TIMEOUT,
+        resume_attempts: int = DEFAULT_RESUME_ATTEMPTS,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         **kwargs: Any,
     ):
         """``AgentClient(site, address, cert_pem, key_pem, root_ca_pem, timeout=...)``."""
         super().__init__(*args, **kwargs)
+        self.idle_timeout = idle_timeout
         self.transfer_timeout = transfer_timeout
+        self.resume_attempts = resume_attempts
         self.chunk_size = chunk_size
+        self.last_transfer: TransferStats | None = None
         self._channel = grpc.secure_channel(self.address, self._credentials, options=self._options)
         self._stub = agent_pb2_grpc.FlareAgentStub(self._channel)
+        self._probe_channel: grpc.Channel | None = None
 
     @classmethod
     def from_kit(cls, kit_dir: str | os.PathLike, site: str, address: str | None = None, **kwargs: Any) -> "AgentClient":
@@ -47,6 +102,8 @@ class AgentClient(AgentCaller):
 
     def close(self) -> None:
         self._channel.close()
+        if self._probe_channel is not None:
+            self._probe_channel.close()
 
     def __enter__(self) -> "AgentClient":
         return self
@@ -58,11 +115,17 @@ class AgentClient(AgentCaller):
     def _call(self, method: str):
         try:
             yield
-        except grpc.RpcError as exc:
-            raise AgentError(self.site, method, exc.code(), exc.details() or "") from None
-        except PayloadError as exc:  # what arrived is not what the agent sent
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, PayloadTooLarge) else grpc.StatusCode.DATA_LOSS
-            raise AgentError(self.site, method, code, str(exc)) from None
+        except (grpc.RpcError, PayloadError, TransferStalled, StartOver) as exc:
+            raise self._error(method, exc) from None
+
+    def _error(self, method: str, exc: Exception) -> AgentError:
+        if isinstance(exc, grpc.RpcError):
+            return AgentError(self.site, method, exc.code(), exc.details() or "")
+        if isinstance(exc, TransferStalled):
+            return AgentError(self.site, method, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        # what arrived is not what the agent sent
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, PayloadTooLarge) else grpc.StatusCode.DATA_LOSS
+        return AgentError(self.site, method, code, str(exc))
 
     # ---- calls ---------------------------------------------------------------------
 
@@ -75,7 +138,8 @@ class AgentClient(AgentCaller):
         """Upload a signed app bundle (bytes or a file); returns (app, newly_deployed)."""
         with self._call("DeployApp"):
             messages = send_payload(agent_pb2.DeployAppRequest, agent_pb2.DeployAppHeader(), bundle, self.chunk_size)
-            reply = self._stub.DeployApp(messages, timeout=self.transfer_timeout)
+            stats = TransferStats("DeployApp", payload_bytes=payload_size(bundle))
+            reply = self._send_stream(self._stub.DeployApp, messages, stats, self.transfer_timeout)
         return AppVersion.from_message(reply.app), reply.newly_deployed
 
     def submit_task(
@@ -93,19 +157,75 @@ class AgentClient(AgentCaller):
         """Start a task with the global ``weights`` (safetensors bytes or file).
 
         Idempotent by ``task_id``: a task the site knows is returned as it is, without
-        uploading the weights again. Returns (task, created).
+        uploading the weights again. Returns (task, created). An upload cut short is
+        resumed from the bytes the site kept, also by a later call with the same weights
+        (the site answers its first stream that it holds them).
         """
-        header = agent_pb2.SubmitTaskHeader(
-            task_id=task_id, app_name=app_name, round=round, kind=kind, config_json=json.dumps(config or {})
-        )
-        if app_version is not None:
-            header.app_version = app_version
-        if num_gpus is not None:
-            header.num_gpus = num_gpus
-        with self._call("SubmitTask"):
-            messages = send_payload(agent_pb2.SubmitTaskRequest, header, weights, self.chunk_size)
-            reply = self._stub.SubmitTask(messages, timeout=self.transfer_timeout)
+        size, sha256 = payload_identity(weights)
+        stats = self.last_transfer = TransferStats("SubmitTask", task_id, size)
+        told: list[int] = []  # what the site said it holds when it refused a stream's offset
+
+        def upload() -> agent_pb2.SubmitTaskReply:
+            # The first stream sends it all without asking, as most uploads have nothing kept;
+            # a site that kept bytes of it refuses that stream at once, saying how many.
+            if told:
+                offset = told.pop()
+            else:
+                offset = self._upload_offset(task_id, size, sha256) if stats.attempts > 1 else 0
+            self._note_start("upload", stats, offset)
+            header = agent_pb2.SubmitTaskHeader(
+                task_id=task_id, app_name=app_name, round=round, kind=kind, config_json=json.dumps(config or {}),
+                payload_sha256=sha256,
+            )
+            if app_version is not None:
+                header.app_version = app_version
+            if num_gpus is not None:
+                header.num_gpus = num_gpus
+            messages = send_payload(agent_pb2.SubmitTaskRequest, header, weights, self.chunk_size, size, offset, sha256)
+            probe = self._upload_probe(task_id, size, sha256)
+            try:
+                return self._send_stream(self._stub.SubmitTask, messages, stats, self._time_left(stats), probe)
+            except grpc.RpcError as exc:
+                held = held_bytes(exc)
+                if held is not None:
+                    told.append(held)
+                    if stats.attempts == 1:  # kept from an earlier call: none of this stream's bytes were taken
+                        stats.start_offset = held
+                raise
+
+        reply = self._resuming("SubmitTask", stats, upload)
         return TaskState.from_message(reply.state), reply.created
+
+    def _upload_offset(self, task_id: str, size: int, sha256: str) -> int:
+        """How many bytes of these weights the site kept from an upload cut short."""
+        request = agent_pb2.UploadOffsetRequest(task_id=task_id, payload_size=size, payload_sha256=sha256)
+        try:
+            return self._stub.GetUploadOffset(request, timeout=self.timeout).offset
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # an agent that cannot resume: send it all
+                return 0
+            raise
+
+    def _upload_probe(self, task_id: str, size: int, sha256: str) -> Callable[[float], object]:
+        """What the site holds of an upload, asked over a connection of its own.
+
+        The upload's own connection may have megabytes queued ahead of any new call; a
+        second one (through the same relay) answers at once while the link lives.
+        """
+        if self._probe_channel is None:
+            options = [*self._options, ("grpc.use_local_subchannel_pool", 1)]  # never the upload's connection
+            self._probe_channel = grpc.secure_channel(self.address, self._credentials, options=options)
+        stub = agent_pb2_grpc.FlareAgentStub(self._probe_channel)
+        request = agent_pb2.UploadOffsetRequest(task_id=task_id, payload_size=size, payload_sha256=sha256)
+
+        def probe(timeout: float) -> object:
+            try:
+                reply = stub.GetUploadOffset(request, timeout=timeout)
+            except grpc.RpcError:
+                return None
+            return reply.offset, reply.task_exists
+
+        return probe
 
     def get_task(self, task_id: str) -> TaskState:
         with self._call("GetTask"):
@@ -137,14 +257,128 @@ class AgentClient(AgentCaller):
         SHA-256. Its metadata says whether it holds full weights or a difference
         (:data:`flare_provider.wire.tensors.RESULT_KIND_KEY`); ``num_samples`` and the
         metrics are in the returned state. The agent keeps its copy until :meth:`acknowledge`.
+        Until then the bytes received are in ``<dest>.part``: a download cut short is
+        resumed from there, also by a later call for the same task and ``dest``.
         """
-        dest = Path(dest)
-        with self._call("FetchResult"):
-            replies = self._stub.FetchResult(agent_pb2.TaskRef(task_id=task_id), timeout=self.transfer_timeout)
-            header = read_header(replies, f"result of task {task_id}")
-            tmp = receive_payload(replies, header.payload_size, dest.parent, max_bytes, f"result of task {task_id}")
-        os.replace(tmp, dest)
+        partial = PartialDownload(Path(dest), task_id)
+        stats = self.last_transfer = TransferStats("FetchResult", task_id)
+        return self._resuming("FetchResult", stats, lambda: self._download(partial, stats, max_bytes))
+
+    def _download(self, partial: PartialDownload, stats: TransferStats, max_bytes: int) -> TaskState:
+        """One attempt at a result, from the bytes received so far on; decides what to keep of them."""
+        what = f"result of task {partial.task_id}"
+        offset, digest = partial.resume_point()
+        self._note_start("download", stats, offset)
+        try:
+            return self._receive_result(partial, stats, offset, digest, max_bytes, what)
+        except PayloadTruncated:
+            raise  # a cut: what arrived is good and stays
+        except PayloadTooLarge:
+            partial.discard()
+            raise
+        except PayloadError as exc:
+            partial.discard()
+            if offset:  # the bytes kept may be what was wrong: once more, all of it
+                raise StartOver(f"{exc}; starting over from byte 0") from None
+            raise
+        except grpc.RpcError as exc:
+            if exc.code() in _RESULT_GONE:
+                partial.discard()
+            elif exc.code() == grpc.StatusCode.OUT_OF_RANGE:  # more bytes kept than the result has
+                partial.discard()
+                raise StartOver(exc.details()) from None
+            raise
+
+    def _receive_result(
+        self, partial: PartialDownload, stats: TransferStats, offset: int, digest, max_bytes: int, what: str
+    ) -> TaskState:
+        watchdog = IdleWatchdog(self.idle_timeout, stats, "received")
+        request = agent_pb2.FetchResultRequest(task_id=partial.task_id, offset=offset)
+        replies = self._stub.FetchResult(request, timeout=self._time_left(stats))
+        try:
+            with watchdog.watching(replies.cancel):
+                messages = counted(replies, stats, watchdog)
+                header = read_header(messages, what)
+                check_announced_size(header.payload_size, max_bytes, what)
+                stats.payload_bytes = header.payload_size
+                if header.offset != offset:
+                    if header.offset:
+                        raise PayloadError(f"{what}: asked for bytes from {offset} on, the agent sends from {header.offset}")
+                    offset, digest = 0, None  # an agent that cannot resume sends all of it
+                writer = PayloadWriter(partial.open(header.payload_size, offset), header.payload_size, what, offset, digest)
+                try:
+                    writer.receive(messages)
+                except BaseException:
+                    partial.keep(writer.received, writer.digest)
+                    raise
+                partial.finish()
+        finally:
+            replies.cancel()  # a stream given up is freed on the agent at once; a no-op once it ended
         return TaskState.from_message(header.state)
+
+    # ---- transfers -------------------------------------------------------------------
+
+    def _send_stream(self, rpc, messages: Iterator, stats: TransferStats, timeout: float | None, probe=None):
+        """A client-streaming call that is cancelled when nothing moves for ``idle_timeout``."""
+        watchdog = IdleWatchdog(self.idle_timeout, stats, "sent", probe)
+        call = rpc.future(counted(messages, stats, watchdog), timeout=timeout)
+        with watchdog.watching(call.cancel):
+            return call.result()
+
+    def _resuming(self, method: str, stats: TransferStats, attempt: Callable[[], T]) -> T:
+        """``attempt()`` until it succeeds; a transfer cut on the way is tried again, resuming.
+
+        Not when it never got going (a site down from the start is the caller's to wait
+        for), after ``resume_attempts`` tries in a row that moved nothing, once nothing
+        moved for ``idle_timeout``, or past ``transfer_timeout``.
+        """
+        fruitless = 0
+        while True:
+            before = stats.transferred_bytes
+            stats.attempts += 1
+            try:
+                result = attempt()
+            except (grpc.RpcError, PayloadError, TransferStalled, StartOver) as exc:
+                fruitless = 0 if stats.transferred_bytes > before else fruitless + 1
+                if not (is_cut(exc) and self._may_resume(stats, fruitless, exc)):
+                    raise self._error(method, exc) from None
+                if isinstance(exc, grpc.RpcError) and held_bytes(exc) is not None:
+                    continue  # not a cut: the site holds bytes from before and said how many; send the rest now
+                wait = min(RESUME_BACKOFF_S[1], RESUME_BACKOFF_S[0] * 2**fruitless)
+                log.warning(
+                    "site %s: %s of task %s cut after %s moved (%s); resuming in %.1f s",
+                    self.site, method, stats.task_id, format_bytes(stats.transferred_bytes), describe_failure(exc), wait,
+                )
+                time.sleep(wait)
+                continue
+            stats.completed = True
+            return result
+
+    def _may_resume(self, stats: TransferStats, fruitless: int, exc: Exception) -> bool:
+        # Either bytes moved, or the site itself answered: the link works, it is worth another go.
+        answered = isinstance(exc, StartOver) or (isinstance(exc, grpc.RpcError) and exc.code() in AGENT_SAYS_RESUME)
+        if not (stats.transferred_bytes > 0 or answered) or fruitless > self.resume_attempts:
+            return False
+        if self.idle_timeout and stats.idle_for() >= self.idle_timeout:
+            return False
+        return self._time_left(stats) is None or self._time_left(stats) > 0
+
+    def _time_left(self, stats: TransferStats) -> float | None:
+        """What remains of ``transfer_timeout`` for this transfer (None: no bound)."""
+        if self.transfer_timeout is None:
+            return None
+        return max(0.0, self.transfer_timeout - (time.monotonic() - stats.started))
+
+    def _note_start(self, what: str, stats: TransferStats, offset: int) -> None:
+        if stats.attempts == 1:
+            stats.start_offset = offset
+        else:
+            stats.resumed_at.append(offset)
+        if offset:
+            log.info(
+                "site %s: resuming the %s of task %s at byte %d%s (attempt %d)", self.site, what, stats.task_id, offset,
+                f" of {stats.payload_bytes}" if stats.payload_bytes else "", stats.attempts,
+            )
 
     def acknowledge(self, task_id: str) -> None:
         """Tell the site its result is safe here; it deletes its copy."""
@@ -159,5 +393,3 @@ class AgentClient(AgentCaller):
         """Stop the agent (project_admin only)."""
         with self._call("Shutdown"):
             self._stub.Shutdown(agent_pb2.ShutdownRequest(reason=reason), timeout=self.timeout)
-
-

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66lare_provider/wire/agent.proto\x12\x0e\x66lare.agent.v1\")\n\tDataChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"*\n\nPayloadEnd\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"V\n\x07\x41ppInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0fhas_custom_code\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65ployed_at\x18\x04 \x01(\x01\"\'\n\x0f\x44\x65ployAppHeader\x12\x14\n\x0cpayload_size\x18\x01 \x01(\x04\"\xa4\x01\n\x10\x44\x65ployAppRequest\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.flare.agent.v1.DeployAppHeaderH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.flare.agent.v1.DataChunkH\x00\x12)\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1a.flare.agent.v1.PayloadEndH\x00\x42\x06\n\x04part\"N\n\x0e\x44\x65ployAppReply\x12$\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x17.flare.agent.v1.AppInfo\x12\x16\n\x0enewly_deployed\x18\x02 \x01(\x08\"\xcb\x01\n\x10SubmitTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61pp_name\x18\x02 \x01(\t\x12\x18\n\x0b\x61pp_version\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x06 \x01(\t\x12\x15\n\x08num_gpus\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x14\n\x0cpayload_size\x18\x08 \x01(\x04\x42\x0e\n\x0c_app_versionB\x0b\n\t_num_gpus\"\xa6\x01\n\x11SubmitTaskRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .flare.agent.v1.SubmitTaskHeaderH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.flare.agent.v1.DataChunkH\x00\x12)\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1a.flare.agent.v1.PayloadEndH\x00\x42\x06\n\x04part\"L\n\x0fSubmitTaskReply\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.flare.agent.v1.TaskState\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1a\n\x07TaskRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"6\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"\xb9\x03\n\tTaskState\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61pp_name\x18\x02 \x01(\t\x12\x13\n\x0b\x61pp_version\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x0e\n\x06status\x18\x06 \x01(\t\x12\x10\n\x08progress\x18\x07 \x01(\x01\x12\x37\n\x07metrics\x18\x08 \x03(\x0b\x32&.flare.agent.v1.TaskState.MetricsEntry\x12\x12\n\x05\x65rror\x18\t \x01(\tH\x00\x88\x01\x01\x12\x0c\n\x04gpus\x18\n \x03(\x05\x12\x13\n\x0bnum_samples\x18\x0b \x01(\x03\x12\x18\n\x10result_available\x18\x0c \x01(\x08\x12\x0b\n\x03seq\x18\r \x01(\x04\x12\x12\n\ncreated_at\x18\x0e \x01(\x01\x12\x17\n\nstarted_at\x18\x0f \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0b\x66inished_at\x18\x10 \x01(\x01H\x02\x88\x01\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x08\n\x06_errorB\r\n\x0b_started_atB\x0e\n\x0c_finished_at\"S\n\x11\x46\x65tchResultHeader\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.flare.agent.v1.TaskState\x12\x14\n\x0cpayload_size\x18\x02 \x01(\x04\"\xa6\x01\n\x10\x46\x65tchResultReply\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.flare.agent.v1.FetchResultHeaderH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.flare.agent.v1.DataChunkH\x00\x12)\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1a.flare.agent.v1.PayloadEndH\x00\x42\x06\n\x04part\"\x18\n\x16\x41\x63knowledgeResultReply\"\x12\n\x10GetStatusRequest\"A\n\x08Identity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03org\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\"\xfe\x02\n\x0b\x41gentStatus\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0b\n\x03org\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0c\n\x04gpus\x18\x05 \x03(\x05\x12\x19\n\x11\x61llow_custom_code\x18\x06 \x01(\x08\x12%\n\x04\x61pps\x18\x07 \x03(\x0b\x32\x17.flare.agent.v1.AppInfo\x12/\n\x0c\x61\x63tive_tasks\x18\x08 \x03(\x0b\x32\x19.flare.agent.v1.TaskState\x12@\n\x0btask_counts\x18\t \x03(\x0b\x32+.flare.agent.v1.AgentStatus.TaskCountsEntry\x12\x12\n\nstarted_at\x18\n \x01(\x01\x12(\n\x06\x63\x61ller\x18\x0b \x01(\x0b\x32\x18.flare.agent.v1.Identity\x1a\x31\n\x0fTaskCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"!\n\x0fShutdownRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0f\n\rShutdownReply2\xb7\x05\n\nFlareAgent\x12J\n\tGetStatus\x12 .flare.agent.v1.GetStatusRequest\x1a\x1b.flare.agent.v1.AgentStatus\x12O\n\tDeployApp\x12 .flare.agent.v1.DeployAppRequest\x1a\x1e.flare.agent.v1.DeployAppReply(\x01\x12R\n\nSubmitTask\x12!.flare.agent.v1.SubmitTaskRequest\x1a\x1f.flare.agent.v1.SubmitTaskReply(\x01\x12=\n\x07GetTask\x12\x17.flare.agent.v1.TaskRef\x1a\x19.flare.agent.v1.TaskState\x12J\n\tWatchTask\x12 .flare.agent.v1.WatchTaskRequest\x1a\x19.flare.agent.v1.TaskState0\x01\x12J\n\x0b\x46\x65tchResult\x12\x17.flare.agent.v1.TaskRef\x1a .flare.agent.v1.FetchResultReply0\x01\x12T\n\x11\x41\x63knowledgeResult\x12\x17.flare.agent.v1.TaskRef\x1a&.flare.agent.v1.AcknowledgeResultReply\x12?\n\tAbortTask\x12\x17.flare.agent.v1.TaskRef\x1a\x19.flare.agent.v1.TaskState\x12J\n\x08Shutdown\x12\x1f.flare.agent.v1.ShutdownRequest\x1a\x1d.flare.agent.v1.ShutdownReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66lare_provider/wire/agent.proto\x12\x0e\x66lare.agent.v1\")\n\tDataChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"*\n\nPayloadEnd\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"V\n\x07\x41ppInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0fhas_custom_code\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65ployed_at\x18\x04 \x01(\x01\"\'\n\x0f\x44\x65ployAppHeader\x12\x14\n\x0cpayload_size\x18\x01 \x01(\x04\"\xa4\x01\n\x10\x44\x65ployAppRequest\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.flare.agent.v1.DeployAppHeaderH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.flare.agent.v1.DataChunkH\x00\x12)\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1a.flare.agent.v1.PayloadEndH\x00\x42\x06\n\x04part\"N\n\x0e\x44\x65ployAppReply\x12$\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x17.flare.agent.v1.AppInfo\x12\x16\n\x0enewly_deployed\x18\x02 \x01(\x08\"\xf3\x01\n\x10SubmitTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61pp_name\x18\x02 \x01(\t\x12\x18\n\x0b\x61pp_version\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x06 \x01(\t\x12\x15\n\x08num_gpus\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x14\n\x0cpayload_size\x18\x08 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\t \x01(\t\x12\x0e\n\x06offset\x18\n \x01(\x04\x42\x0e\n\x0c_app_versionB\x0b\n\t_num_gpus\"\xa6\x01\n\x11SubmitTaskRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .flare.agent.v1.SubmitTaskHeaderH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.flare.agent.v1.DataChunkH\x00\x12)\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1a.flare.agent.v1.PayloadEndH\x00\x42\x06\n\x04part\"L\n\x0fSubmitTaskReply\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.flare.agent.v1.TaskState\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1a\n\x07TaskRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"T\n\x13UploadOffsetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0cpayload_size\x18\x02 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x03 \x01(\t\"8\n\x11UploadOffsetReply\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x13\n\x0btask_exists\x18\x02 \x01(\x08\"6\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"\xb9\x03\n\tTaskState\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61pp_name\x18\x02 \x01(\t\x12\x13\n\x0b\x61pp_version\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x0e\n\x06status\x18\x06 \x01(\t\x12\x10\n\x08progress\x18\x07 \x01(\x01\x12\x37\n\x07metrics\x18\x08 \x03(\x0b\x32&.flare.agent.v1.TaskState.MetricsEntry\x12\x12\n\x05\x65rror\x18\t \x01(\tH\x00\x88\x01\x01\x12\x0c\n\x04gpus\x18\n \x03(\x05\x12\x13\n\x0bnum_samples\x18\x0b \x01(\x03\x12\x18\n\x10result_available\x18\x0c \x01(\x08\x12\x0b\n\x03seq\x18\r \x01(\x04\x12\x12\n\ncreated_at\x18\x0e \x01(\x01\x12\x17\n\nstarted_at\x18\x0f \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0b\x66inished_at\x18\x10 \x01(\x01H\x02\x88\x01\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x08\n\x06_errorB\r\n\x0b_started_atB\x0e\n\x0c_finished_at\"5\n\x12\x46\x65tchResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"c\n\x11\x46\x65tchResultHeader\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.flare.agent.v1.TaskState\x12\x14\n\x0cpayload_size\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"\xa6\x01\n\x10\x46\x65tchResultReply\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.flare.agent.v1.FetchResultHeaderH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.flare.agent.v1.DataChunkH\x00\x12)\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1a.flare.agent.v1.PayloadEndH\x00\x42\x06\n\x04part\"\x18\n\x16\x41\x63knowledgeResultReply\"\x12\n\x10GetStatusRequest\"A\n\x08Identity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03org\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\"\xb4\x03\n\x0b\x41gentStatus\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0b\n\x03org\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0c\n\x04gpus\x18\x05 \x03(\x05\x12\x19\n\x11\x61llow_custom_code\x18\x06 \x01(\x08\x12%\n\x04\x61pps\x18\x07 \x03(\x0b\x32\x17.flare.agent.v1.AppInfo\x12/\n\x0c\x61\x63tive_tasks\x18\x08 \x03(\x0b\x32\x19.flare.agent.v1.TaskState\x12@\n\x0btask_counts\x18\t \x03(\x0b\x32+.flare.agent.v1.AgentStatus.TaskCountsEntry\x12\x12\n\nstarted_at\x18\n \x01(\x01\x12(\n\x06\x63\x61ller\x18\x0b \x01(\x0b\x32\x18.flare.agent.v1.Identity\x12\x34\n\x0b\x61ttachments\x18\x0c \x03(\x0b\x32\x1f.flare.agent.v1.RelayAttachment\x1a\x31\n\x0fTaskCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"~\n\x0fRelayAttachment\x12\r\n\x05relay\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0f\x63onnected_since\x18\x03 \x01(\x01\x12\x11\n\tlast_ping\x18\x04 \x01(\x01\x12\x10\n\x08\x61ttached\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"!\n\x0fShutdownRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0f\n\rShutdownReply2\x9d\x06\n\nFlareAgent\x12J\n\tGetStatus\x12 .flare.agent.v1.GetStatusRequest\x1a\x1b.flare.agent.v1.AgentStatus\x12O\n\tDeployApp\x12 .flare.agent.v1.DeployAppRequest\x1a\x1e.flare.agent.v1.DeployAppReply(\x01\x12R\n\nSubmitTask\x12!.flare.agent.v1.SubmitTaskRequest\x1a\x1f.flare.agent.v1.SubmitTaskReply(\x01\x12Y\n\x0fGetUploadOffset\x12#.flare.agent.v1.UploadOffsetRequest\x1a!.flare.agent.v1.UploadOffsetReply\x12=\n\x07GetTask\x12\x17.flare.agent.v1.TaskRef\x1a\x19.flare.agent.v1.TaskState\x12J\n\tWatchTask\x12 .flare.agent.v1.WatchTaskRequest\x1a\x19.flare.agent.v1.TaskState0\x01\x12U\n\x0b\x46\x65tchResult\x12\".flare.agent.v1.FetchResultRequest\x1a .flare.agent.v1.FetchResultReply0\x01\x12T\n\x11\x41\x63knowledgeResult\x12\x17.flare.agent.v1.TaskRef\x1a&.flare.agent.v1.AcknowledgeResultReply\x12?\n\tAbortTask\x12\x17.flare.agent.v1.TaskRef\x1a\x19.flare.agent.v1.TaskState\x12J\n\x08Shutdown\x12\x1f.flare.agent.v1.ShutdownRequest\x1a\x1d.flare.agent.v1.ShutdownReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,37 +48,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEPLOYAPPREPLY']._serialized_start=434
   _globals['_DEPLOYAPPREPLY']._serialized_end=512
   _globals['_SUBMITTASKHEADER']._serialized_start=515
-  _globals['_SUBMITTASKHEADER']._serialized_end=718
-  _globals['_SUBMITTASKREQUEST']._serialized_start=721
-  _globals['_SUBMITTASKREQUEST']._serialized_end=887
-  _globals['_SUBMITTASKREPLY']._serialized_start=889
-  _globals['_SUBMITTASKREPLY']._serialized_end=965
-  _globals['_TASKREF']._serialized_start=967
-  _globals['_TASKREF']._serialized_end=993
-  _globals['_WATCHTASKREQUEST']._serialized_start=995
-  _globals['_WATCHTASKREQUEST']._serialized_end=1049
-  _globals['_TASKSTATE']._serialized_start=1052
-  _globals['_TASKSTATE']._serialized_end=1493
-  _globals['_TASKSTATE_METRICSENTRY']._serialized_start=1406
-  _globals['_TASKSTATE_METRICSENTRY']._serialized_end=1452
-  _globals['_FETCHRESULTHEADER']._serialized_start=1495
-  _globals['_FETCHRESULTHEADER']._serialized_end=1578
-  _globals['_FETCHRESULTREPLY']._serialized_start=1581
-  _globals['_FETCHRESULTREPLY']._serialized_end=1747
-  _globals['_ACKNOWLEDGERESULTREPLY']._serialized_start=1749
-  _globals['_ACKNOWLEDGERESULTREPLY']._serialized_end=1773
-  _globals['_GETSTATUSREQUEST']._serialized_start=1775
-  _globals['_GETSTATUSREQUEST']._serialized_end=1793
-  _globals['_IDENTITY']._serialized_start=1795
-  _globals['_IDENTITY']._serialized_end=1860
-  _globals['_AGENTSTATUS']._serialized_start=1863
-  _globals['_AGENTSTATUS']._serialized_end=2245
-  _globals['_AGENTSTATUS_TASKCOUNTSENTRY']._serialized_start=2196
-  _globals['_AGENTSTATUS_TASKCOUNTSENTRY']._serialized_end=2245
-  _globals['_SHUTDOWNREQUEST']._serialized_start=2247
-  _globals['_SHUTDOWNREQUEST']._serialized_end=2280
-  _globals['_SHUTDOWNREPLY']._serialized_start=2282
-  _globals['_SHUTDOWNREPLY']._serialized_end=2297
-  _globals['_FLAREAGENT']._serialized_start=2300
-  _globals['_FLAREAGENT']._serialized_end=2995
+  _globals['_SUBMITTASKHEADER']._serialized_end=758
+  _globals['_SUBMITTASKREQUEST']._serialized_start=761
+  _globals['_SUBMITTASKREQUEST']._serialized_end=927
+  _globals['_SUBMITTASKREPLY']._serialized_start=929
+  _globals['_SUBMITTASKREPLY']._serialized_end=1005
+  _globals['_TASKREF']._serialized_start=1007
+  _globals['_TASKREF']._serialized_end=1033
+  _globals['_UPLOADOFFSETREQUEST']._serialized_start=1035
+  _globals['_UPLOADOFFSETREQUEST']._serialized_end=1119
+  _globals['_UPLOADOFFSETREPLY']._serialized_start=1121
+  _globals['_UPLOADOFFSETREPLY']._serialized_end=1177
+  _globals['_WATCHTASKREQUEST']._serialized_start=1179
+  _globals['_WATCHTASKREQUEST']._serialized_end=1233
+  _globals['_TASKSTATE']._serialized_start=1236
+  _globals['_TASKSTATE']._serialized_end=1677
+  _globals['_TASKSTATE_METRICSENTRY']._serialized_start=1590
+  _globals['_TASKSTATE_METRICSENTRY']._serialized_end=1636
+  _globals['_FETCHRESULTREQUEST']._serialized_start=1679
+  _globals['_FETCHRESULTREQUEST']._serialized_end=1732
+  _globals['_FETCHRESULTHEADER']._serialized_start=1734
+  _globals['_FETCHRESULTHEADER']._serialized_end=1833
+  _globals['_FETCHRESULTREPLY']._serialized_start=1836
+  _globals['_FETCHRESULTREPLY']._serialized_end=2002
+  _globals['_ACKNOWLEDGERESULTREPLY']._serialized_start=2004
+  _globals['_ACKNOWLEDGERESULTREPLY']._serialized_end=2028
+  _globals['_GETSTATUSREQUEST']._serialized_start=2030
+  _globals['_GETSTATUSREQUEST']._serialized_end=2048
+  _globals['_IDENTITY']._serialized_start=2050
+  _globals['_IDENTITY']._serialized_end=2115
+  _globals['_AGENTSTATUS']._serialized_start=2118
+  _globals['_AGENTSTATUS']._serialized_end=2554
+  _globals['_AGENTSTATUS_TASKCOUNTSENTRY']._serialized_start=2505
+  _globals['_AGENTSTATUS_TASKCOUNTSENTRY']._serialized_end=2554
+  _globals['_RELAYATTACHMENT']._serialized_start=2556
+  _globals['_RELAYATTACHMENT']._serialized_end=2682
+  _globals['_SHUTDOWNREQUEST']._serialized_start=2684
+  _globals['_SHUTDOWNREQUEST']._serialized_end=2717
+  _globals['_SHUTDOWNREPLY']._serialized_start=2719
+  _globals['_SHUTDOWNREPLY']._serialized_end=2734
+  _globals['_FLAREAGENT']._serialized_start=2737
+  _globals['_FLAREAGENT']._serialized_end=3534
 # @@protoc_insertion_point(module_scope)

@@ -59,7 +59,7 @@ class DeployAppReply(_message.Message):
     def __init__(self, app: _Optional[_Union[AppInfo, _Mapping]] = ..., newly_deployed: _Optional[bool] = ...) -> None: ...
 
 class SubmitTaskHeader(_message.Message):
-    __slots__ = ("task_id", "app_name", "app_version", "round", "kind", "config_json", "num_gpus", "payload_size")
+    __slots__ = ("task_id", "app_name", "app_version", "round", "kind", "config_json", "num_gpus", "payload_size", "payload_sha256", "offset")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     APP_NAME_FIELD_NUMBER: _ClassVar[int]
     APP_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,8 @@ class SubmitTaskHeader(_message.Message):
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     NUM_GPUS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     app_name: str
     app_version: str
@@ -76,7 +78,9 @@ class SubmitTaskHeader(_message.Message):
     config_json: str
     num_gpus: int
     payload_size: int
-    def __init__(self, task_id: _Optional[str] = ..., app_name: _Optional[str] = ..., app_version: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., config_json: _Optional[str] = ..., num_gpus: _Optional[int] = ..., payload_size: _Optional[int] = ...) -> None: ...
+    payload_sha256: str
+    offset: int
+    def __init__(self, task_id: _Optional[str] = ..., app_name: _Optional[str] = ..., app_version: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., config_json: _Optional[str] = ..., num_gpus: _Optional[int] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class SubmitTaskRequest(_message.Message):
     __slots__ = ("header", "chunk", "end")
@@ -101,6 +105,24 @@ class TaskRef(_message.Message):
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class UploadOffsetRequest(_message.Message):
+    __slots__ = ("task_id", "payload_size", "payload_sha256")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    payload_size: int
+    payload_sha256: str
+    def __init__(self, task_id: _Optional[str] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[str] = ...) -> None: ...
+
+class UploadOffsetReply(_message.Message):
+    __slots__ = ("offset", "task_exists")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TASK_EXISTS_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    task_exists: bool
+    def __init__(self, offset: _Optional[int] = ..., task_exists: _Optional[bool] = ...) -> None: ...
 
 class WatchTaskRequest(_message.Message):
     __slots__ = ("task_id", "after_seq")
@@ -153,13 +175,23 @@ class TaskState(_message.Message):
     finished_at: float
     def __init__(self, task_id: _Optional[str] = ..., app_name: _Optional[str] = ..., app_version: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., status: _Optional[str] = ..., progress: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., num_samples: _Optional[int] = ..., result_available: _Optional[bool] = ..., seq: _Optional[int] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
 
+class FetchResultRequest(_message.Message):
+    __slots__ = ("task_id", "offset")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    offset: int
+    def __init__(self, task_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
 class FetchResultHeader(_message.Message):
-    __slots__ = ("state", "payload_size")
+    __slots__ = ("state", "payload_size", "offset")
     STATE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     state: TaskState
     payload_size: int
-    def __init__(self, state: _Optional[_Union[TaskState, _Mapping]] = ..., payload_size: _Optional[int] = ...) -> None: ...
+    offset: int
+    def __init__(self, state: _Optional[_Union[TaskState, _Mapping]] = ..., payload_size: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class FetchResultReply(_message.Message):
     __slots__ = ("header", "chunk", "end")
@@ -192,7 +224,7 @@ class Identity(_message.Message):
     def __init__(self, name: _Optional[str] = ..., org: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("project", "site", "org", "version", "gpus", "allow_custom_code", "apps", "active_tasks", "task_counts", "started_at", "caller")
+    __slots__ = ("project", "site", "org", "version", "gpus", "allow_custom_code", "apps", "active_tasks", "task_counts", "started_at", "caller", "attachments")
     class TaskCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +243,7 @@ class AgentStatus(_message.Message):
     TASK_COUNTS_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
+    ATTACHMENTS_FIELD_NUMBER: _ClassVar[int]
     project: str
     site: str
     org: str
@@ -222,7 +255,24 @@ class AgentStatus(_message.Message):
     task_counts: _containers.ScalarMap[str, int]
     started_at: float
     caller: Identity
-    def __init__(self, project: _Optional[str] = ..., site: _Optional[str] = ..., org: _Optional[str] = ..., version: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., allow_custom_code: _Optional[bool] = ..., apps: _Optional[_Iterable[_Union[AppInfo, _Mapping]]] = ..., active_tasks: _Optional[_Iterable[_Union[TaskState, _Mapping]]] = ..., task_counts: _Optional[_Mapping[str, int]] = ..., started_at: _Optional[float] = ..., caller: _Optional[_Union[Identity, _Mapping]] = ...) -> None: ...
+    attachments: _containers.RepeatedCompositeFieldContainer[RelayAttachment]
+    def __init__(self, project: _Optional[str] = ..., site: _Optional[str] = ..., org: _Optional[str] = ..., version: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., allow_custom_code: _Optional[bool] = ..., apps: _Optional[_Iterable[_Union[AppInfo, _Mapping]]] = ..., active_tasks: _Optional[_Iterable[_Union[TaskState, _Mapping]]] = ..., task_counts: _Optional[_Mapping[str, int]] = ..., started_at: _Optional[float] = ..., caller: _Optional[_Union[Identity, _Mapping]] = ..., attachments: _Optional[_Iterable[_Union[RelayAttachment, _Mapping]]] = ...) -> None: ...
+
+class RelayAttachment(_message.Message):
+    __slots__ = ("relay", "address", "connected_since", "last_ping", "attached", "error")
+    RELAY_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_SINCE_FIELD_NUMBER: _ClassVar[int]
+    LAST_PING_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    relay: str
+    address: str
+    connected_since: float
+    last_ping: float
+    attached: bool
+    error: str
+    def __init__(self, relay: _Optional[str] = ..., address: _Optional[str] = ..., connected_since: _Optional[float] = ..., last_ping: _Optional[float] = ..., attached: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ("reason",)

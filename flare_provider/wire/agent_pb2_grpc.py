@@ -49,6 +49,11 @@ class FlareAgentStub:
                 request_serializer=flare__provider_dot_wire_dot_agent__pb2.SubmitTaskRequest.SerializeToString,
                 response_deserializer=flare__provider_dot_wire_dot_agent__pb2.SubmitTaskReply.FromString,
                 _registered_method=True)
+        self.GetUploadOffset = channel.unary_unary(
+                '/flare.agent.v1.FlareAgent/GetUploadOffset',
+                request_serializer=flare__provider_dot_wire_dot_agent__pb2.UploadOffsetRequest.SerializeToString,
+                response_deserializer=flare__provider_dot_wire_dot_agent__pb2.UploadOffsetReply.FromString,
+                _registered_method=True)
         self.GetTask = channel.unary_unary(
                 '/flare.agent.v1.FlareAgent/GetTask',
                 request_serializer=flare__provider_dot_wire_dot_agent__pb2.TaskRef.SerializeToString,
@@ -61,7 +66,7 @@ class FlareAgentStub:
                 _registered_method=True)
         self.FetchResult = channel.unary_stream(
                 '/flare.agent.v1.FlareAgent/FetchResult',
-                request_serializer=flare__provider_dot_wire_dot_agent__pb2.TaskRef.SerializeToString,
+                request_serializer=flare__provider_dot_wire_dot_agent__pb2.FetchResultRequest.SerializeToString,
                 response_deserializer=flare__provider_dot_wire_dot_agent__pb2.FetchResultReply.FromString,
                 _registered_method=True)
         self.AcknowledgeResult = channel.unary_unary(
@@ -101,6 +106,18 @@ class FlareAgentServicer:
     def SubmitTask(self, request_iterator, context):
         """Start a task: header with the task's spec, then the global weights (safetensors).
         Idempotent by task_id: a known task is returned as it is and never trained twice.
+        An upload that names its payload_sha256 and is cut short is kept by the agent; the
+        next one sends only the rest (header.offset). A stream whose offset does not match
+        what the agent holds is refused with ABORTED and the trailing metadata
+        "flare-held-bytes" saying how many bytes it holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUploadOffset(self, request, context):
+        """How many bytes of a task's global weights the agent holds from an upload cut short
+        (also asked while an upload runs, to see its bytes arrive).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,7 +138,8 @@ class FlareAgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchResult(self, request, context):
-        """A finished task's result: header with the task's state, then the safetensors file.
+        """A finished task's result: header with the task's state, then the safetensors file
+        from the requested offset on (the rest of a download cut short).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -166,6 +184,11 @@ def add_FlareAgentServicer_to_server(servicer, server):
                     request_deserializer=flare__provider_dot_wire_dot_agent__pb2.SubmitTaskRequest.FromString,
                     response_serializer=flare__provider_dot_wire_dot_agent__pb2.SubmitTaskReply.SerializeToString,
             ),
+            'GetUploadOffset': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUploadOffset,
+                    request_deserializer=flare__provider_dot_wire_dot_agent__pb2.UploadOffsetRequest.FromString,
+                    response_serializer=flare__provider_dot_wire_dot_agent__pb2.UploadOffsetReply.SerializeToString,
+            ),
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
                     request_deserializer=flare__provider_dot_wire_dot_agent__pb2.TaskRef.FromString,
@@ -178,7 +201,7 @@ def add_FlareAgentServicer_to_server(servicer, server):
             ),
             'FetchResult': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchResult,
-                    request_deserializer=flare__provider_dot_wire_dot_agent__pb2.TaskRef.FromString,
+                    request_deserializer=flare__provider_dot_wire_dot_agent__pb2.FetchResultRequest.FromString,
                     response_serializer=flare__provider_dot_wire_dot_agent__pb2.FetchResultReply.SerializeToString,
             ),
             'AcknowledgeResult': grpc.unary_unary_rpc_method_handler(
@@ -289,6 +312,33 @@ class FlareAgent:
             _registered_method=True)
 
     @staticmethod
+    def GetUploadOffset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flare.agent.v1.FlareAgent/GetUploadOffset',
+            flare__provider_dot_wire_dot_agent__pb2.UploadOffsetRequest.SerializeToString,
+            flare__provider_dot_wire_dot_agent__pb2.UploadOffsetReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetTask(request,
             target,
             options=(),
@@ -357,7 +407,7 @@ class FlareAgent:
             request,
             target,
             '/flare.agent.v1.FlareAgent/FetchResult',
-            flare__provider_dot_wire_dot_agent__pb2.TaskRef.SerializeToString,
+            flare__provider_dot_wire_dot_agent__pb2.FetchResultRequest.SerializeToString,
             flare__provider_dot_wire_dot_agent__pb2.FetchResultReply.FromString,
             options,
             channel_credentials,

@@ -6,6 +6,12 @@ Every payload stream of the contract (``DeployAppRequest``, ``SubmitTaskRequest`
 writes the chunks to a temporary file, checking order, size and SHA-256 on the way, and
 keeps nothing when anything is wrong. Memory stays at one chunk either way, so the
 model size is bounded by disk, never by gRPC's message size limit.
+
+A payload may also be sent from an offset, to finish one whose stream was cut: chunks
+carry their offsets within the whole payload, and the end marker always holds the whole
+payload's size and SHA-256, so the receiver, which kept the bytes before the offset,
+checks the whole file. :class:`PayloadWriter` is the receiving half: after a cut it
+still knows how many bytes it wrote and their running digest.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 MAX_CHUNK_SIZE = 4 << 20
 MAX_MESSAGE_BYTES = MAX_CHUNK_SIZE + (64 << 10)
 PARTIAL_PREFIX = ".incoming-"  # files being received; a crash may leave one, safe to delete
+# Trailing metadata of an upload refused for its offset: how many bytes of the payload the
+# receiver holds, so that the sender resumes from there without asking.
+HELD_BYTES_KEY = "flare-held-bytes"
 
 Message = TypeVar("Message")
 Source = bytes | str | os.PathLike
@@ -36,6 +45,10 @@ class PayloadError(ValueError):
 
 class PayloadTooLarge(PayloadError):
     """A payload over the receiver's limit."""
+
+
+class PayloadTruncated(PayloadError):
+    """The stream ended before the payload's end marker: what a cut connection looks like."""
 
 
 def format_bytes(n: int) -> str:
@@ -52,16 +65,46 @@ def payload_size(source: Source) -> int:
     return len(source) if isinstance(source, bytes) else os.stat(source).st_size
 
 
-def _blocks(source: Source | BinaryIO, chunk_size: int) -> Iterator[bytes]:
+def hash_prefix(source: Source | BinaryIO, length: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """A SHA-256 hash object fed with the first ``length`` bytes of ``source``.
+
+    A file object is read from its start and left at ``length``. A source shorter than
+    ``length`` is a :class:`PayloadError`.
+    """
+    digest = hashlib.sha256()
+    if isinstance(source, bytes):
+        if len(source) < length:
+            raise PayloadError(f"the payload holds {len(source)} bytes, fewer than the {length} expected")
+        digest.update(memoryview(source)[:length])
+        return digest
+    f = source if hasattr(source, "read") else open(source, "rb")
+    try:
+        f.seek(0)
+        left = length
+        while left > 0:
+            block = f.read(min(chunk_size, left))
+            if not block:
+                raise PayloadError(f"the payload holds {length - left} bytes, fewer than the {length} expected")
+            digest.update(block)
+            left -= len(block)
+    finally:
+        if f is not source:
+            f.close()
+    return digest
+
+
+def _blocks(source: Source | BinaryIO, chunk_size: int, offset: int) -> Iterator[bytes]:
     if isinstance(source, bytes):
         view = memoryview(source)
-        for start in range(0, len(view), chunk_size):
+        for start in range(offset, len(view), chunk_size):
             yield bytes(view[start : start + chunk_size])
         return
     if hasattr(source, "read"):
+        source.seek(offset)
         yield from iter(lambda: source.read(chunk_size), b"")
         return
     with open(source, "rb") as f:
+        f.seek(offset)
         yield from iter(lambda: f.read(chunk_size), b"")
 
 
@@ -71,11 +114,17 @@ def send_payload(
     source: Source | BinaryIO,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     size: int | None = None,
+    offset: int = 0,
+    sha256: str | None = None,
 ) -> Iterator[Message]:
     """The messages of one payload stream: ``header``, the chunks of ``source``, the end.
 
-    ``source`` is bytes, a file path or a binary file object opened at its start
-    (``size`` is then required). ``header.payload_size`` is filled in. Arguments are
+    ``source`` is bytes, a file path or a seekable binary file object (``size`` is then
+    required). ``header.payload_size`` is filled in, and ``header.offset`` when sending
+    from ``offset`` on: the chunks start there, and the end marker still carries the
+    whole payload's size and SHA-256. That digest is ``sha256`` when the caller knows it
+    (checked against what is read when sending from the start); otherwise the bytes
+    before ``offset`` are read and hashed once the header went out. Arguments are
     checked now, in the caller's thread; the returned iterator reads lazily, so gRPC
     pulls one chunk at a time.
     """
@@ -83,22 +132,30 @@ def send_payload(
         raise ValueError(f"chunk_size must be between 1 and {MAX_CHUNK_SIZE} bytes, got {chunk_size}")
     if size is None:
         size = payload_size(source)  # a missing file fails here, not inside gRPC's sending thread
+    if not 0 <= offset <= size:
+        raise ValueError(f"offset {offset} is outside the payload's {size} bytes")
     header.payload_size = size
-    return _payload_messages(message_type, header, source, chunk_size, size)
+    if offset:
+        header.offset = offset
+    return _payload_messages(message_type, header, source, chunk_size, size, offset, sha256)
 
 
-def _payload_messages(message_type: type[Message], header, source, chunk_size: int, size: int) -> Iterator[Message]:
+def _payload_messages(
+    message_type: type[Message], header, source, chunk_size: int, size: int, offset: int, sha256: str | None
+) -> Iterator[Message]:
     yield message_type(header=header)
-    digest = hashlib.sha256()
-    offset = 0
-    for block in _blocks(source, chunk_size):
-        digest.update(block)
-        yield message_type(chunk=agent_pb2.DataChunk(offset=offset, data=block))
-        offset += len(block)
-    if offset != size:
+    # Resuming with a known digest, the bytes before the offset need not be read at all.
+    digest = None if offset and sha256 else hash_prefix(source, offset, chunk_size)
+    position = offset
+    for block in _blocks(source, chunk_size, offset):
+        if digest is not None:
+            digest.update(block)
+        yield message_type(chunk=agent_pb2.DataChunk(offset=position, data=block))
+        position += len(block)
+    if position != size or (digest is not None and sha256 and digest.hexdigest() != sha256):
         # the file changed while it was being sent; the receiver would refuse it anyway
-        raise PayloadError(f"the payload changed while being sent: announced {size} bytes, read {offset}")
-    yield message_type(end=agent_pb2.PayloadEnd(size=offset, sha256=digest.hexdigest()))
+        raise PayloadError(f"the payload changed while being sent: announced {size} bytes, read {position}")
+    yield message_type(end=agent_pb2.PayloadEnd(size=position, sha256=sha256 or digest.hexdigest()))
 
 
 def read_header(messages: Iterator, what: str):
@@ -112,7 +169,8 @@ def read_header(messages: Iterator, what: str):
     return first.header
 
 
-def _check_announced_size(announced: int, max_size: int, what: str) -> None:
+def check_announced_size(announced: int, max_size: int, what: str) -> None:
+    """:class:`PayloadTooLarge` when a header announces more than the receiver takes."""
     if announced > max_size:
         raise PayloadTooLarge(
             f"{what}: {announced} bytes ({format_bytes(announced)}) exceed the receiver's limit of "
@@ -134,11 +192,11 @@ def receive_payload(
     (or :class:`PayloadTooLarge`) says what went wrong. The caller owns the returned
     file (move it into place or delete it).
     """
-    _check_announced_size(announced_size, max_size, what)
+    check_announced_size(announced_size, max_size, what)
     fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=".part", dir=directory)
     try:
         with os.fdopen(fd, "wb") as out:
-            _copy_chunks(iter(messages), out, announced_size, what)
+            PayloadWriter(out, announced_size, what).receive(messages)
             out.flush()
             os.fsync(out.fileno())
     except BaseException:
@@ -147,40 +205,61 @@ def receive_payload(
     return Path(tmp)
 
 
-def _copy_chunks(messages: Iterator, out: BinaryIO, announced: int, what: str) -> None:
-    digest = hashlib.sha256()
-    received = 0
-    for message in messages:
-        part = message.WhichOneof("part")
-        if part == "chunk":
-            chunk = message.chunk
-            if chunk.offset != received:
-                raise PayloadError(
-                    f"{what}: chunk at offset {chunk.offset} arrived where offset {received} was expected "
-                    "(chunks lost or out of order)"
-                )
-            received += len(chunk.data)
-            if received > announced:  # and so never over the limit, which the announced size is within
-                raise PayloadError(f"{what}: more data than the {announced} bytes announced in the header")
-            digest.update(chunk.data)
-            out.write(chunk.data)
-        elif part == "end":
-            _check_end(message.end, received, announced, digest.hexdigest(), what)
-            extra = next(messages, None)
-            if extra is not None:
-                raise PayloadError(f"{what}: a {extra.WhichOneof('part') or 'message'} followed the end of the payload")
-            return
-        else:
-            raise PayloadError(f"{what}: unexpected {part or 'empty message'} inside the payload")
-    raise PayloadError(
-        f"{what}: the stream ended after {received} of {announced} bytes without its end marker (truncated)"
-    )
+class PayloadWriter:
+    """Writes the chunks of one payload to ``out``, checking order, size and SHA-256.
 
+    ``out`` already holds the payload's first ``start`` bytes, whose running ``digest``
+    is given (a fresh one for ``start`` 0). ``received`` and ``digest`` describe exactly
+    the bytes handed to ``out``, also after :meth:`receive` raised: that is what a cut
+    transfer keeps and resumes from.
+    """
 
-def _check_end(end: agent_pb2.PayloadEnd, received: int, announced: int, sha256: str, what: str) -> None:
-    if end.size != received or received != announced:
-        raise PayloadError(
-            f"{what}: size mismatch: {received} bytes received, {announced} announced, {end.size} in the end marker (truncated?)"
+    def __init__(self, out: BinaryIO, announced: int, what: str, start: int = 0, digest=None):
+        if start > announced:
+            raise PayloadError(f"{what}: {start} bytes held, more than the {announced} announced")
+        self.out = out
+        self.announced = announced
+        self.what = what
+        self.received = start
+        self.digest = digest if digest is not None else hashlib.sha256()
+
+    def receive(self, messages: Iterable) -> None:
+        """Take the chunks up to and including the end marker (the header was read already)."""
+        messages = iter(messages)
+        for message in messages:
+            part = message.WhichOneof("part")
+            if part == "chunk":
+                self._write(message.chunk)
+            elif part == "end":
+                self._check_end(message.end)
+                extra = next(messages, None)
+                if extra is not None:
+                    raise PayloadError(f"{self.what}: a {extra.WhichOneof('part') or 'message'} followed the end of the payload")
+                return
+            else:
+                raise PayloadError(f"{self.what}: unexpected {part or 'empty message'} inside the payload")
+        raise PayloadTruncated(
+            f"{self.what}: the stream ended after {self.received} of {self.announced} bytes without its end marker (truncated)"
         )
-    if end.sha256.lower() != sha256:
-        raise PayloadError(f"{what}: SHA-256 mismatch: the sender says {end.sha256}, the data received hashes to {sha256}")
+
+    def _write(self, chunk: agent_pb2.DataChunk) -> None:
+        if chunk.offset != self.received:
+            raise PayloadError(
+                f"{self.what}: chunk at offset {chunk.offset} arrived where offset {self.received} was expected "
+                "(chunks lost or out of order)"
+            )
+        if self.received + len(chunk.data) > self.announced:  # and so never over the limit, which the announced size is within
+            raise PayloadError(f"{self.what}: more data than the {self.announced} bytes announced in the header")
+        self.out.write(chunk.data)
+        self.digest.update(chunk.data)
+        self.received += len(chunk.data)
+
+    def _check_end(self, end: agent_pb2.PayloadEnd) -> None:
+        if end.size != self.received or self.received != self.announced:
+            raise PayloadError(
+                f"{self.what}: size mismatch: {self.received} bytes received, {self.announced} announced, "
+                f"{end.size} in the end marker (truncated?)"
+            )
+        sha256 = self.digest.hexdigest()
+        if end.sha256.lower() != sha256:
+            raise PayloadError(f"{self.what}: SHA-256 mismatch: the sender says {end.sha256}, the data received hashes to {sha256}")

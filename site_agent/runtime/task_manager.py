@@ -7,6 +7,9 @@ all under one lock (a condition that wakes watchers on every change):
   a restart; results stay there until the server acknowledges them;
 - :mod:`.scheduler`: the queue, until a task's GPUs (or a CPU slot) are free;
 - :mod:`.processes`: each task's worker process, its signals and its progress.
+
+Uploads of global weights cut short wait in :mod:`.upload_staging` (``uploads``) until
+they are resumed, their task is created, or they grow stale.
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ from .processes import (
 from .scheduler import Scheduler
 from .task_folder import TASKS_DIR
 from .task_records import TaskRecord, TaskRecords, TaskSpec, check_spec
+from .upload_staging import PartialUploads
 
 log = logging.getLogger(__name__)
 
 STOPPED = "agent stopped during the task"
+INCOMING_DIR = "incoming"
 
 
 class TaskManager:
@@ -53,6 +58,7 @@ class TaskManager:
         self._records = TaskRecords(self.root, self._lock, site_name)
         self._scheduler = Scheduler(settings.gpus, settings.max_concurrent_cpu_tasks, site_name)
         self._processes = WorkerProcesses(settings, site_name, self._records, self._lock, on_exit=self._finish)
+        self.uploads = PartialUploads(Path(settings.work_dir) / INCOMING_DIR)
         self._started = False
         self._closed = False
 
@@ -65,6 +71,7 @@ class TaskManager:
                 return
             for task in self._records.load(end_leftover_worker):
                 self._scheduler.add(task)
+            self.uploads.sweep()  # uploads kept from before the restart wait to be resumed, unless stale
             self._started = True
             self._schedule()
 
@@ -82,7 +89,7 @@ class TaskManager:
     @property
     def incoming_dir(self) -> Path:
         """A folder on the same file system as the tasks: weights received here move in without a copy."""
-        path = Path(self.settings.work_dir) / "incoming"
+        path = Path(self.settings.work_dir) / INCOMING_DIR
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -101,6 +108,7 @@ class TaskManager:
                 raise TaskRejected("the agent is not accepting tasks (starting up or shutting down)")
             existing = self._records.find(spec.task_id)
             if existing is not None:
+                self.uploads.discard_task(spec.task_id)
                 return copy.deepcopy(existing.state), False
             app = self.apps.get(spec.app_name, spec.app_version)
             if app.has_custom_code and not self.settings.allow_custom_code:
@@ -114,11 +122,17 @@ class TaskManager:
             except WeightsError as exc:
                 raise InvalidTaskError(f"task {spec.task_id}: global weights: {exc}") from None
             task = self._records.create(spec, app.name, app.version, num_gpus, weights_file)
+            self.uploads.discard_task(spec.task_id)  # other payloads once sent for this task will not be needed
             self._scheduler.add(task)
             log.info("task %s queued (app %s, round %d, %s)", spec.task_id, app.name, spec.round, spec.kind)
             self._lock.notify_all()
             self._schedule()
             return copy.deepcopy(task.state), True
+
+    def exists(self, task_id: str) -> bool:
+        """Whether ``task_id`` is known, without waiting for the lock: a task is never forgotten,
+        and one dict lookup sees it or not, so an upload's progress probe never queues behind a task's start."""
+        return self._records.find(task_id) is not None
 
     def get(self, task_id: str) -> TaskState:
         with self._lock:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -26,8 +27,11 @@ from flare_provider.provisioning.certs import PeerIdentity
 from flare_provider.wire import agent_pb2, agent_pb2_grpc
 from flare_provider.wire.chunks import (
     DEFAULT_CHUNK_SIZE,
+    HELD_BYTES_KEY,
     PayloadError,
     PayloadTooLarge,
+    PayloadTruncated,
+    check_announced_size,
     read_header,
     receive_payload,
     send_payload,
@@ -46,6 +50,7 @@ from ..kit_config import DEFAULT_MAX_BUNDLE_BYTES, DEFAULT_MAX_WEIGHTS_BYTES, Ag
 from ..runtime.app_store import AppInfo, AppStore
 from ..runtime.task_manager import TaskManager
 from ..runtime.task_records import TaskSpec
+from ..runtime.upload_staging import KeptUploadCorrupt, UploadConflict, UploadInterrupted, UploadKey
 from ..site_settings import SiteSettings
 from .audit import AuditLog
 from .auth import Action, Policy, peer_identity
@@ -55,9 +60,18 @@ log = logging.getLogger(__name__)
 ACTIVE_STATUSES = (QUEUED, RUNNING)
 WATCH_POLL_SECONDS = 1.0  # how often a watch re-checks for shutdown and a vanished caller
 
+
+class ResultOffsetOutOfRange(ValueError):
+    """A download asked for a result from beyond its end. OUT_OF_RANGE."""
+
+
 # The runtime's errors, most specific first, and the gRPC code each one becomes.
 _STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (KeptUploadCorrupt, grpc.StatusCode.DATA_LOSS),  # the client sends the whole payload again
+    (UploadInterrupted, grpc.StatusCode.ABORTED),  # the client asks for the offset and sends the rest
+    (UploadConflict, grpc.StatusCode.ABORTED),
+    (ResultOffsetOutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (PayloadError, grpc.StatusCode.INVALID_ARGUMENT),
     (BundleError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidTaskError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -135,6 +149,14 @@ def _rpc(action: Action):
     return decorate
 
 
+def _cut_when_cancelled(messages):
+    """``messages``, where a call cancelled by its caller (or its connection) ends as a truncated payload."""
+    try:
+        yield from messages
+    except grpc.RpcError:
+        raise PayloadTruncated("the caller's stream broke (call cancelled)") from None
+
+
 def app_info_message(info: AppInfo) -> agent_pb2.AppInfo:
     return agent_pb2.AppInfo(
         name=info.name, version=info.version, has_custom_code=info.has_custom_code, deployed_at=info.deployed_at
@@ -160,7 +182,7 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
         self.tasks = tasks
         self.audit = audit
         self.limits = limits
-        self.policy = Policy(server_name=config.server, site_org=config.org)
+        self.policy = Policy(server_names=frozenset(config.servers), site_org=config.org)
         self.started_at = time.time()
         self.stopping = threading.Event()
         self._request_shutdown = request_shutdown
@@ -187,6 +209,8 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
         else:
             log.info("%s refused: %s", call.method, message, extra={"method": call.method, **call.what})
         self._audit(call, code.name, message)
+        if isinstance(exc, UploadConflict) and exc.held is not None:
+            context.set_trailing_metadata(((HELD_BYTES_KEY, str(exc.held)),))
         context.abort(code, message)
 
     def _audit(self, call: _Call, outcome: str, detail: str = "") -> None:
@@ -239,16 +263,43 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
         try:
             # A known task is answered before its weights are read: a retried submit
             # costs one round trip, not another upload of the model.
-            return agent_pb2.SubmitTaskReply(state=self.tasks.get(spec.task_id).to_message(), created=False)
+            state = self.tasks.get(spec.task_id)
         except UnknownTaskError:
             pass
-        what = f"global weights of task {spec.task_id}"
-        weights = receive_payload(messages, header.payload_size, self.tasks.incoming_dir, self.limits.max_weights_bytes, what)
+        else:
+            self.tasks.uploads.discard_task(spec.task_id)
+            return agent_pb2.SubmitTaskReply(state=state.to_message(), created=False)
+        weights = self._receive_weights(header, messages, context)
         try:
             state, created = self.tasks.submit(spec, weights)  # checks the safetensors layout first
         finally:
             weights.unlink(missing_ok=True)  # moved into the task's folder unless refused
         return agent_pb2.SubmitTaskReply(state=state.to_message(), created=created)
+
+    def _receive_weights(self, header: agent_pb2.SubmitTaskHeader, messages, context) -> Path:
+        """The global weights of a submission, in a file of their own once all arrived and verified.
+
+        An upload that names its SHA-256 is kept when its stream breaks, and one that
+        starts at ``header.offset`` continues what was kept (see :mod:`..runtime.upload_staging`).
+        """
+        what = f"global weights of task {header.task_id}"
+        check_announced_size(header.payload_size, self.limits.max_weights_bytes, what)
+        if not header.payload_sha256:  # a sender that cannot resume: nothing is kept on a problem
+            if header.offset:
+                raise PayloadError(f"{what}: an upload from an offset must name its payload_sha256")
+            incoming = self.tasks.incoming_dir
+            return receive_payload(messages, header.payload_size, incoming, self.limits.max_weights_bytes, what)
+        key = UploadKey(header.task_id, header.payload_size, header.payload_sha256)
+        messages = _cut_when_cancelled(messages)
+        return self.tasks.uploads.receive(key, header.offset, messages, what, on_superseded=context.cancel)
+
+    @_rpc(Action.SUBMIT)
+    def GetUploadOffset(self, request, context, call):
+        key = UploadKey(request.task_id, request.payload_size, request.payload_sha256)
+        check_announced_size(key.size, self.limits.max_weights_bytes, f"global weights of task {key.task_id}")
+        # Also the sender's probe of progress while an upload runs: answered without waiting on the tasks.
+        held = self.tasks.uploads.offset(key)
+        return agent_pb2.UploadOffsetReply(offset=held, task_exists=not held and self.tasks.exists(key.task_id))
 
     @staticmethod
     def _task_spec(header: agent_pb2.SubmitTaskHeader, who: PeerIdentity) -> TaskSpec:
@@ -293,9 +344,12 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
         # Send from the open file: an acknowledge meanwhile cannot cut the transfer short.
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
+            offset = request.offset  # the bytes a download cut short has already
+            if offset > size:
+                raise ResultOffsetOutOfRange(f"result of task {request.task_id}: offset {offset} is beyond its {size} bytes")
             header = agent_pb2.FetchResultHeader(state=state.to_message())
-            yield from send_payload(agent_pb2.FetchResultReply, header, f, self.limits.chunk_size, size)
-        log.info("result of task %s sent (%d bytes)", request.task_id, size, extra={"task_id": request.task_id})
+            yield from send_payload(agent_pb2.FetchResultReply, header, f, self.limits.chunk_size, size, offset=offset)
+        log.info("result of task %s sent (bytes %d to %d)", request.task_id, offset, size, extra={"task_id": request.task_id})
 
     @_rpc(Action.ACKNOWLEDGE)
     def AcknowledgeResult(self, request, context, call):
