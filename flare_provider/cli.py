@@ -111,7 +111,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     results = kit.site_statuses(timeout=args.timeout)
     rows = []
     for site, result in results.items():
-        address = kit.sites[site].address
+        address = kit.sites[site].address if kit.sites[site].connect == "listen" else "via relays"
+        if not isinstance(result, AgentError) and result.attachments:  # the site's own view of its relays
+            address = ", ".join(f"{a.relay}:{'attached' if a.attached else 'detached'}" for a in result.attachments)
         if isinstance(result, AgentError):
             rows.append([site, address, result.code.name.lower(), "", "", "", "", "", result.details])
             continue

@@ -15,12 +15,20 @@ knows), ``sync`` and ``aio`` (the two clients). Imports neither Airflow nor PyTo
 
 from ..wire.task_state import TaskState
 from .aio import AsyncAgentClient
-from .channel import DEFAULT_MAX_RESULT_BYTES, DEFAULT_TIMEOUT, DEFAULT_TRANSFER_TIMEOUT, RECONNECT_BACKOFF_MS
+from .channel import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_RESULT_BYTES,
+    DEFAULT_TIMEOUT,
+    DEFAULT_TRANSFER_TIMEOUT,
+    RECONNECT_BACKOFF_MS,
+)
 from .kit import CallerKit, KitError, SiteEndpoint, load_caller_kit
-from .replies import AgentError, AgentStatus, AppVersion
+from .replies import AgentError, AgentStatus, AppVersion, RelayAttachment
 from .sync import AgentClient
+from .transfer import TransferStats
 
 __all__ = [
+    "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_RESULT_BYTES",
     "DEFAULT_TIMEOUT",
     "DEFAULT_TRANSFER_TIMEOUT",
@@ -32,7 +40,9 @@ __all__ = [
     "AsyncAgentClient",
     "CallerKit",
     "KitError",
+    "RelayAttachment",
     "SiteEndpoint",
     "TaskState",
+    "TransferStats",
     "load_caller_kit",
 ]

@@ -175,6 +175,7 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
         audit: AuditLog,
         limits: Limits,
         request_shutdown,
+        attachments=lambda: (),
     ):
         self.config = config
         self.settings = settings
@@ -186,6 +187,7 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
         self.started_at = time.time()
         self.stopping = threading.Event()
         self._request_shutdown = request_shutdown
+        self.attachments = attachments  # the outbound connector's states, for status callers
 
     # ---- the frame around every call -------------------------------------------------
 
@@ -234,6 +236,11 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
             task_counts=Counter(t.status for t in tasks),
             started_at=self.started_at,
             caller=agent_pb2.Identity(name=who.name, org=who.org, kind=who.kind, role=who.role or ""),
+            attachments=[
+                agent_pb2.RelayAttachment(relay=a.relay.name, address=a.relay.address, connected_since=a.connected_since,
+                                          last_ping=a.last_ping, attached=a.attached, error=a.error)
+                for a in self.attachments()
+            ],
         )
 
     # ---- apps --------------------------------------------------------------------------

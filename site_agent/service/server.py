@@ -95,7 +95,9 @@ class SiteAgent:
             os.close(self._lock_fd)
             raise
         audit = AuditLog(work / AUDIT_FILE)
-        self.service = AgentService(self.config, self.settings, apps, tasks, audit, self.limits, self.request_stop)
+        attachments = (lambda: list(self.connector.states.values())) if self.connector else (lambda: ())
+        self.service = AgentService(self.config, self.settings, apps, tasks, audit, self.limits, self.request_stop,
+                                    attachments)
         agent_pb2_grpc.add_FlareAgentServicer_to_server(self.service, server)
         server.start()
         self._server = server

@@ -21,6 +21,10 @@ def test_sites_listen_on_nothing_and_train_through_the_relays(relayed, tmp_path)
         assert listening_inet_sockets(relayed.agent(site).proc.pid) == [], f"{site} opened a port"
     for server in RELAYS:
         assert set(wait_attached(relayed, server, relayed.sites)) == set(relayed.sites)
+    with relayed.client("site-1") as client:  # the site's own view of its attachments
+        attachments = client.status().attachments
+    assert sorted(a.relay for a in attachments) == sorted(RELAYS) and all(a.attached for a in attachments)
+    assert all(a.last_ping >= a.connected_since > 0 and a.error == "" for a in attachments)
     progress = run_rounds(relayed, tmp_path, rounds=2)
     assert [r.accepted for r in progress.history] == [list(relayed.sites)] * 2
     assert float(progress.weights["w"][0]) == 2.0  # two rounds of +1
