@@ -520,7 +520,7 @@ def test_site_reached_through_the_relay_as_compose_runs_them(relay_kits):
             status = run([str(BIN / "flare"), "status", "--kit", str(server_kit)], timeout=60)
             assert status.returncode == 0, status.stdout + status.stderr
             (row,) = [line.split() for line in status.stdout.splitlines() if line.startswith("site-1")]
-            assert row[1:3] == ["airflow-server:attached", "up"], status.stdout  # its attachment, as it reports it
+            assert row[1:3] == ["server:attached", "up"], status.stdout  # its attachment, as it reports it
             assert stop(agent) == 0, (logs / "agent.log").read_text()
             assert stop(relay) == 0, (logs / "relay.log").read_text()
         finally:
