@@ -70,6 +70,7 @@ class Relay:
         self._pending: dict[str, _PendingPath] = {}
         self._ids = itertools.count(1)
         self.bytes_relayed = 0
+        self.open_paths = 0
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -103,7 +104,8 @@ class Relay:
                 await self._open(peer, hello, address, reader, writer)
             elif op == "status":
                 self._require_caller(peer)
-                await write_message(writer, {"ok": True, "relay": self.name,
+                await write_message(writer, {"ok": True, "relay": self.name, "paths": self.open_paths,
+                                             "bytes": self.bytes_relayed,
                                              "sites": [a.describe() for a in self.attachments.values()]})
             else:
                 raise RelayProtocolError(f"unknown request {op!r}")
@@ -160,7 +162,11 @@ class Relay:
                 raise LookupError(f"site {site!r} did not open a path within {OPEN_TIMEOUT_S:g}s") from None
             await write_message(writer, {"ok": True, "relay": self.name})
             log.debug("Relay %s: path %s from %s (%s) to %s", self.name, conn, peer.name, address, site)
-            self.bytes_relayed += await splice(reader, writer, site_reader, site_writer, self._tap_for(conn))
+            self.open_paths += 1
+            try:
+                self.bytes_relayed += await splice(reader, writer, site_reader, site_writer, self._tap_for(conn))
+            finally:
+                self.open_paths -= 1
         finally:
             self._pending.pop(conn, None)
             pending.done.set()
