@@ -75,6 +75,12 @@ def _relay_list(project: Project) -> str:
     return ", ".join(f"{r['name']} ({r['host']}:{r['port']})" for r in relay_endpoints(project))
 
 
+def _write_scripts(startup: Path, values: dict, **script: str) -> None:
+    """``start.sh`` and ``stop.sh``: one pair of templates for a site's agent and a server's relay."""
+    for name in ("start.sh", "stop.sh"):
+        _write(startup / name, _template(name).substitute(values, **script), 0o755)
+
+
 def write_identity(kit_dir: Path, participant: Participant, identity: Identity, root: Identity) -> None:
     """Create ``kit_dir/startup`` with the participant's certificate and key and the root CA."""
     startup = kit_dir / STARTUP
@@ -125,8 +131,8 @@ def write_client_kit(kit_dir: Path, project: Project, site: Participant, root: I
         "docker_image": project.docker_image,
         "relays": _relay_list(project),
     }
-    _write(startup / "start.sh", _template("start.sh").substitute(values), 0o755)
-    _write(startup / "stop.sh", _template("stop.sh").substitute(values), 0o755)
+    _write_scripts(startup, values, what=f"site agent of {site.name}", process="agent", command="flare-agent start",
+                   after_stop="Running tasks are recorded so the server can re-attach or retry.")
     docker_line = ""
     if project.docker_image:
         _write(startup / "docker.sh", _template("docker.sh").substitute(values), 0o755)
@@ -195,8 +201,8 @@ def write_server_kit(kit_dir: Path, project: Project, server: Participant, ident
     }
     _write_json(startup / CONNECTIONS_FILE, connection, 0o600)
     values = {**_common_values(project, server, root), "server": server.name, "port": server.fed_learn_port}
-    _write(startup / "start.sh", _template("relay_start.sh").substitute(values), 0o755)
-    _write(startup / "stop.sh", _template("relay_stop.sh").substitute(values), 0o755)
+    _write_scripts(startup, values, what=f"relay {server.name}", process="relay", command="flare relay start",
+                   after_stop="The sites keep trying to attach and come back once it runs again.", relays="")
     others = [s.name for s in project.servers if s.name != server.name]
     # With several servers (HA) every site attaches to every relay; Airflow needs only one
     # of the server kits and reaches a site through whichever relay answers.

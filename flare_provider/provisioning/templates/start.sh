@@ -1,27 +1,35 @@
 #!/usr/bin/env bash
-# Starts the site agent of ${site} (project ${project}) in the background.
+# Starts the ${what} (project ${project}) in the background.
 # Logs and the pid file go to ../run/; startup/ itself stays untouched (it is signed).
-# Pass --foreground to run in this terminal instead (containers do this).
+# Pass --foreground to run in this terminal instead (systemd, containers); other
+# arguments go to `${command}` (e.g. --root-fingerprint SHA256).
 set -euo pipefail
 KIT="$$(cd "$$(dirname "$${BASH_SOURCE[0]}")/.." && pwd)"
 RUN="$$KIT/run"
 mkdir -p "$$RUN"
 if [ "$${1:-}" = "--foreground" ]; then
   shift
-  exec flare-agent start --kit "$$KIT" "$$@"
+  exec ${command} --kit "$$KIT" "$$@"
 fi
-if [ -f "$$RUN/agent.pid" ] && kill -0 "$$(cat "$$RUN/agent.pid")" 2>/dev/null; then
-  echo "agent already running (pid $$(cat "$$RUN/agent.pid"))" >&2
+if [ -f "$$RUN/${process}.pid" ] && kill -0 "$$(cat "$$RUN/${process}.pid")" 2>/dev/null; then
+  echo "${process} already running (pid $$(cat "$$RUN/${process}.pid"))" >&2
   exit 1
 fi
-nohup flare-agent start --kit "$$KIT" "$$@" >>"$$RUN/agent.log" 2>&1 &
+nohup ${command} --kit "$$KIT" "$$@" >>"$$RUN/${process}.log" 2>&1 &
 PID=$$!
-echo "$$PID" >"$$RUN/agent.pid"
-# local/site.yaml decides how the agent is reached; without a connect line it dials out.
-MODE="$$(sed -n '/^connect:/{s/^connect:[[:space:]]*\([a-z]*\).*/\1/p;q;}' "$$KIT/local/site.yaml" 2>/dev/null || true)"
-if [ "$$MODE" = listen ]; then
-  REACHED="listening on port ${port}"
-else
+echo "$$PID" >"$$RUN/${process}.pid"
+# A kit that fails its signature check, or a port in use, ends it at once: say so here.
+sleep 1
+if ! kill -0 "$$PID" 2>/dev/null; then
+  rm -f "$$RUN/${process}.pid"
+  echo "${what} did not start; the end of $$RUN/${process}.log:" >&2
+  tail -n 5 "$$RUN/${process}.log" >&2
+  exit 1
+fi
+# A relay, and a site with connect: listen, serve on their port; a site that dials out
+# (connect: outbound in local/site.yaml, the default) opens no port at all.
+REACHED="listening on port ${port}"
+if [ -f "$$KIT/local/site.yaml" ] && ! grep -Eq '^connect:[[:space:]]*listen[[:space:]]*$$' "$$KIT/local/site.yaml"; then
   REACHED='dialling out to the relays ${relays}'
 fi
-echo "agent for ${site} started (pid $$PID), $$REACHED; log: $$RUN/agent.log"
+echo "${what} started (pid $$PID), $$REACHED; log: $$RUN/${process}.log"

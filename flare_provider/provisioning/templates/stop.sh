@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Stops the site agent of ${site} started by start.sh: SIGTERM, then up to 30 s for a
-# clean shutdown (running tasks are recorded so the server can re-attach or retry).
+# Stops the ${what} started by start.sh: SIGTERM, then up to 30 s for a clean shutdown
+# before SIGKILL. ${after_stop}
 set -euo pipefail
 KIT="$$(cd "$$(dirname "$${BASH_SOURCE[0]}")/.." && pwd)"
-PIDFILE="$$KIT/run/agent.pid"
+PIDFILE="$$KIT/run/${process}.pid"
 if [ ! -f "$$PIDFILE" ]; then
-  echo "no agent pid file at $$PIDFILE: agent not started by start.sh" >&2
+  echo "no ${process} pid file at $$PIDFILE: ${process} not started by start.sh" >&2
   exit 1
 fi
 PID="$$(cat "$$PIDFILE")"
@@ -15,9 +15,9 @@ if kill -TERM "$$PID" 2>/dev/null; then
     sleep 1
   done
   if kill -0 "$$PID" 2>/dev/null; then
-    echo "agent $$PID did not stop in 30 s; sending SIGKILL" >&2
+    echo "${process} $$PID did not stop in 30 s; sending SIGKILL" >&2
     kill -KILL "$$PID" 2>/dev/null || true
   fi
 fi
 rm -f "$$PIDFILE"
-echo "agent for ${site} stopped"
+echo "${what} stopped"
