@@ -49,8 +49,9 @@ class RelayTunnel:
         self._preferred: dict[str, int] = {}  # site -> index of the relay that last worked
         self._lock = threading.Lock()
         self._loop = new_event_loop()
-        threading.Thread(target=self._loop.run_forever, name="flare-relay-tunnel", daemon=True).start()
-        atexit.register(self.close)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="flare-relay-tunnel", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)  # the loop must stop before the interpreter tears its thread down
 
     def address(self, site: str) -> str:
         """A gRPC target for ``site`` (``unix:/...``), opening its entrance on first use."""
@@ -62,8 +63,11 @@ class RelayTunnel:
             return self._addresses[site]
 
     def close(self) -> None:
-        if self._loop.is_running():
+        if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
         shutil.rmtree(self._folder, ignore_errors=True)
 
     async def _listen(self, site: str, path: str) -> None:
