@@ -7,7 +7,7 @@ nothing heavy: the operators load the engine, gRPC and numpy only when a task ru
 Settings come from the environment of the Airflow components:
 
 - ``FLARE_CONN_ID``: the federation's ``flare`` connection, imported from the server kit
-  with ``airflow connections import <server kit>/startup/connections.json``
+  with ``flare kit import-connection <server kit>``
   (default ``flare_default``);
 - ``FLARE_APP_DIR``: the app folder to deploy (default: this repository's
   ``examples/apps/digits``), and ``FLARE_APP_NAME``: the name in its ``app.yaml``

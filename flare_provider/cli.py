@@ -3,6 +3,7 @@
     flare provision -p project.yml -w WORKSPACE [--add-site NAME] [--password [PW]]
     flare kit verify DIR [--root-fingerprint SHA256]
     flare kit unpack PACKAGE [-d DEST] [--password PW]
+    flare kit import-connection SERVER_KIT [--overwrite] [--root-fingerprint SHA256]
     flare status --kit KIT [--timeout SECONDS]
     flare relay start --kit DIR [--host H] [--port N] [--root-fingerprint SHA256]
 """
@@ -28,7 +29,7 @@ from .provisioning import (
     require_valid,
     verify_folder,
 )
-from .provisioning.kits import SERVER_CONFIG, STARTUP
+from .provisioning.kits import CONNECTIONS_FILE, SERVER_CONFIG, STARTUP
 from .provisioning.packages import PackageError, is_encrypted, unpack
 
 if TYPE_CHECKING:
@@ -159,6 +160,25 @@ def _relay_settings(kit: Path, args: argparse.Namespace) -> tuple[str, TlsIdenti
         raise RelayKitError(f"{config_path}: unusable ({type(exc).__name__}: {exc})") from None
 
 
+def cmd_import_connection(args: argparse.Namespace) -> int:
+    """Verify a server kit, then have Airflow import its connection (``airflow connections import``)."""
+    import subprocess
+
+    kit = Path(args.kit)
+    try:
+        require_valid(kit / STARTUP, args.root_fingerprint)  # the connection carries the server's key: only from a kit that verifies
+    except KitVerificationError as exc:
+        print(f"error: refusing to import the connection: {exc}", file=sys.stderr)
+        return 1
+    connections = kit / STARTUP / CONNECTIONS_FILE
+    if not connections.is_file():
+        print(f"error: {connections} is missing: is {kit} a server kit?", file=sys.stderr)
+        return 2
+    command = [sys.executable, "-m", "airflow", "connections", "import", *(["--overwrite"] if args.overwrite else []),
+               str(connections)]
+    return subprocess.run(command).returncode
+
+
 def cmd_relay_start(args: argparse.Namespace) -> int:
     """Serve a server participant's relay until SIGTERM or Ctrl-C."""
     logging.basicConfig(
@@ -215,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--password", help=f"password of a protected package (or set {PASSWORD_ENV}; asked for on a terminal)")
     u.add_argument("--root-fingerprint", help="expected SHA-256 fingerprint of the project's root CA")
     u.set_defaults(func=cmd_unpack)
+    c = kit.add_parser("import-connection", help="verify a server kit, then import its Airflow connection (needs Airflow)")
+    c.add_argument("kit", help="a server participant's kit folder")
+    c.add_argument("--overwrite", action="store_true", help="replace a connection of the same id")
+    c.add_argument("--root-fingerprint", help="refuse a kit whose root CA has another SHA-256 fingerprint")
+    c.set_defaults(func=cmd_import_connection)
 
     st = sub.add_parser("status", help="show every site's agent: reachable or not, version, GPUs, apps, tasks")
     st.add_argument("--kit", required=True, help="a server or admin kit folder")

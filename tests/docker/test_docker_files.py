@@ -360,7 +360,8 @@ def test_compose_sites_match_the_project(services, compose_project):
     server_volume = provision_mounts[f"/kits/{compose_project.server.name}"]
     init = services["airflow-init"]
     (kit_target,) = [t for s, t, m in map(split_volume, init["volumes"]) if s == server_volume and m == "ro"]
-    assert f"connections import --overwrite {kit_target}/startup/connections.json" in init["command"][0]
+    # The server kit is verified before Airflow imports its connection.
+    assert f"flare_provider.cli kit import-connection --overwrite {kit_target}\n" in init["command"][0]
 
 
 def test_compose_runs_each_servers_relay_from_its_kit(services, compose_project):

@@ -348,13 +348,13 @@ def test_airflow_init_imports_the_published_server_kit(compose_kits, airflow_db)
     _, kits = compose_kits
     project = load_project(COMPOSE_PROJECT_FILE)
     init = load_yaml(COMPOSE_FILE)["services"]["airflow-init"]
-    assert "airflow connections import --overwrite" in init["command"][0]
-    connections = kits / project.server.name / "startup" / "connections.json"
+    assert "flare_provider.cli kit import-connection --overwrite" in init["command"][0]
+    server_kit = kits / project.server.name
     # As in compose, every component shares one Fernet key: the private key is stored encrypted.
     env = {**os.environ, "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode()}
     try:
         for _ in range(2):  # every compose start imports again
-            command = [str(BIN / "airflow"), "connections", "import", "--overwrite", str(connections)]
+            command = [sys.executable, "-m", "flare_provider.cli", "kit", "import-connection", "--overwrite", str(server_kit)]
             result = run(command, env=env)
             assert result.returncode == 0, result.stderr
             assert "PRIVATE KEY" not in result.stdout + result.stderr

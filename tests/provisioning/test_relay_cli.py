@@ -189,3 +189,27 @@ def test_an_intact_server_kit_loads_with_its_relays(kits):
     assert [(r.name, r.port) for r in kit.relays] == [(name, port) for name, port in kits[1].items()]
     config = json.loads((kits[0].kits["relay-2"] / "startup" / "server.json").read_text())
     assert config["relay"] == {"host": "0.0.0.0", "port": kits[1]["relay-2"]}
+
+
+def test_import_connection_verifies_the_server_kit_first(kits, tmp_path, airflow_db):
+    kit = copy_kit(kits, "relay-1", tmp_path)
+    conn_id = "flare_relay_check"
+
+    def airflow(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "airflow", *args], capture_output=True, text=True, timeout=120)
+
+    airflow("connections", "delete", conn_id)
+    (kit / "startup" / "relay-1.crt").write_text("-----BEGIN CERTIFICATE-----\nforged\n-----END CERTIFICATE-----\n")
+    refused = subprocess.run([sys.executable, "-m", "flare_provider.cli", "kit", "import-connection", str(kit)],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "changed file: relay-1.crt" in refused.stderr, refused.stderr
+    assert conn_id not in airflow("connections", "list", "-o", "plain").stdout  # nothing imported
+
+    kit = copy_kit(kits, "relay-2", tmp_path / "intact")
+    done = subprocess.run([sys.executable, "-m", "flare_provider.cli", "kit", "import-connection", str(kit), "--overwrite"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (got,) = json.loads(airflow("connections", "get", conn_id, "-o", "json").stdout)
+    extra = got["extra_dejson"]
+    assert [r["name"] for r in extra["relays"]] == ["relay-1", "relay-2"]
+    airflow("connections", "delete", conn_id)
