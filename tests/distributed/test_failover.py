@@ -262,3 +262,15 @@ def test_no_key_or_password_in_any_log(cluster):
     assert len(logs) > 10
     leaks = [(path.name, what) for path in logs for what, secret in secrets.items() if secret in path.read_text(errors="replace")]
     assert not leaks
+
+
+def test_the_sites_opened_no_port_the_workers_reached_them_through_the_relay(cluster):
+    """After the rounds above: each agent listens on nothing and is connected to the relay only."""
+    import psutil
+
+    relay_ports = set(cluster.federation.relay_ports.values())
+    for site in cluster.federation.sites:
+        agent = psutil.Process(cluster.federation.agent(site).proc.pid)
+        processes = (agent, *agent.children(recursive=True))
+        assert [c for p in processes for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN] == []
+        assert {c.raddr.port for c in agent.net_connections(kind="tcp") if c.raddr} <= relay_ports

@@ -83,6 +83,19 @@ def test_training_dag_succeeds_and_returns_small_xcom(plain_run, snapshot_bucket
     assert len(repr(result)) < 4000  # metrics and URIs only, never weights
 
 
+def test_the_sites_trained_through_the_relay_with_no_port_open(plain_run, digits_federation):
+    import psutil
+
+    for site in digits_federation.sites:
+        agent = psutil.Process(digits_federation.agent(site).proc.pid)
+        listening = [c for p in (agent, *agent.children(recursive=True)) for c in p.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN]
+        assert listening == [], f"{site} listens on {listening}"
+        # ... and its only TCP connections are to the relay
+        peers = {c.raddr.port for c in agent.net_connections(kind="tcp") if c.raddr}
+        assert peers <= set(digits_federation.relay_ports.values()), peers
+
+
 def test_every_round_is_committed_to_s3(plain_run, s3, snapshot_bucket, store):
     dag_run, _ = plain_run
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=snapshot_bucket)["Contents"]]
