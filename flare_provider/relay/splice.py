@@ -12,10 +12,10 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-CHUNK = 256 << 10  # per read
+CHUNK = 1 << 20  # per read
 # Read-buffer limit of every relayed connection: with asyncio's write-buffer limits it
 # bounds the memory a path holds, whatever the size of what flows through it.
-BUFFER_LIMIT = 1 << 20
+BUFFER_LIMIT = 4 << 20
 
 
 async def splice(
@@ -37,6 +37,8 @@ async def splice(
             copied += len(data)
             await writer.drain()  # waits while the other side is slower: the buffer stays bounded
 
+    for writer in (a_writer, b_writer):  # fewer, larger writes between the processes on the path
+        writer.transport.set_write_buffer_limits(high=BUFFER_LIMIT)
     pumps = [asyncio.create_task(pump(a_reader, b_writer)), asyncio.create_task(pump(b_reader, a_writer))]
     try:
         await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
