@@ -12,7 +12,6 @@ Test modules reach everything through fixtures (``federation``, ``agent``,
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -42,10 +41,7 @@ START_TIMEOUT = poc.START_TIMEOUT  # seconds for an agent to answer after it was
 STOP_TIMEOUT = poc.STOP_TIMEOUT
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = poc.free_port
 
 
 def project_yaml(name: str, ports: dict[str, int]) -> str:
