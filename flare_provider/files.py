@@ -1,4 +1,4 @@
-"""Local file helpers shared by every part: streamed SHA-256 and atomic writes.
+"""Local file helpers shared by every part: streamed SHA-256, atomic writes, safe names.
 
 An atomic write goes to a temporary file beside the target and is renamed over it only
 when complete, so a reader (or a process restarted after a crash) sees the old file or
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 CHUNK_BYTES = 1 << 20
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_name(name: str) -> str:
+    """``name`` with anything but letters, digits, '.', '_' and '-' replaced: for task ids, file and socket names."""
+    return _UNSAFE.sub("_", name)
 
 
 def file_digest(path: str | Path) -> tuple[str, int]:

@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from ..client import AgentError
+from ..files import safe_name
 from ..snapshots import Snapshot, SnapshotStore
 from ..wire.tensors import load_file
 from .communicator import SiteCommunicator, TaskOrder
 from .errors import RoundFailed
-from .records import RoundRecord, RunSpec, safe_name
+from .records import RoundRecord, RunSpec
 
 log = logging.getLogger(__name__)
 

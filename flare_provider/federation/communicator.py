@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from ..client import AgentClient, AgentError, CallerKit
+from ..files import safe_name
 from ..wire.task_state import FAILED, SUCCEEDED, TaskState
 from ..wire.tensors import save_file
 from .errors import RoundFailed
 from .gather import GatherRule, GatherTally
-from .records import InFlight, safe_name
+from .records import InFlight
 
 log = logging.getLogger(__name__)
 

@@ -10,22 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..files import safe_name
 from .errors import RoundFailed
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 # Settings of how the run waits, not of what it trains: they stay out of the config hash.
 _OPERATIONAL = ("run_id", "connect_grace", "status_poll_interval")
-
-
-def safe_name(name: str) -> str:
-    """``name`` with anything but letters, digits, '.', '_' and '-' replaced: for task ids and file names."""
-    return _UNSAFE.sub("_", name)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 
-from ..federation.records import safe_name
+from ..files import safe_name
 from .dial import RelayEndpoint, dial_relay
 from .loops import new_event_loop
 from .protocol import RelayProtocolError
