@@ -56,7 +56,7 @@ def for_each_site(fn: Callable[[str], Any], sites: Iterable[str]) -> dict[str, A
         return {}
     with ThreadPoolExecutor(max_workers=min(16, len(sites))) as pool:
         futures = {site: pool.submit(fn, site) for site in sites}
-    return {site: f.exception() if f.exception() is not None else f.result() for site, f in futures.items()}
+    return {site: f.exception() or f.result() for site, f in futures.items()}
 
 
 class SiteCommunicator:

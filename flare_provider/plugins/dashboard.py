@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Any
 
 from flare_provider.federation.records import RoundRecord, read_history
@@ -141,8 +142,9 @@ class RunView:
     committed_at: str = ""
     state: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    @property
+    @cached_property
     def history(self) -> list[RoundRecord]:
+        # Read once per view: the page asks for it in every column of every run.
         return read_history(self.state.get("history"))
 
     @property
