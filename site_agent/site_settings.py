@@ -20,8 +20,9 @@ from .errors import SettingsError
 
 _REQUIRED = ("data_dir", "work_dir")
 _KNOWN = {"data_dir", "work_dir", "gpus", "allow_custom_code", "max_concurrent_cpu_tasks", "preload_modules", "connect",
-          "proxy"}
+          "proxy", "relay_data"}
 CONNECT_MODES = ("outbound", "listen")
+RELAY_DATA_MODES = ("plain", "tls")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -40,6 +41,9 @@ class SiteSettings:
     # None (a kit from before relays): outbound when the kit lists relays
     connect: str | None = None
     proxy: str | None = None  # http://[user:password@]host:port for dialling out; default $https_proxy
+    # plain: a path's data connection is TCP carrying only the end-to-end TLS session (fastest);
+    # tls: wrapped in TLS to the relay as well, for proxies that let nothing else through
+    relay_data: str = "plain"
 
 
 def site_settings_path(kit_dir: Path) -> Path:
@@ -83,6 +87,7 @@ def parse_site_settings(doc: Any, base_dir: Path, source: str = "site.yaml") -> 
         preload_modules=_modules(doc.get("preload_modules", list(SiteSettings.preload_modules)), source),
         connect=_choice(doc.get("connect"), CONNECT_MODES, "connect", source) if doc.get("connect") is not None else None,
         proxy=_proxy(doc.get("proxy"), source),
+        relay_data=_choice(doc.get("relay_data", "plain"), RELAY_DATA_MODES, "relay_data", source),
     )
 
 

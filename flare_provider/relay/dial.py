@@ -8,12 +8,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from .protocol import RelayProtocolError, expect_ok, read_message, write_message
+from .protocol import (
+    OPEN_TIMEOUT_S,
+    RelayProtocolError,
+    expect_ok,
+    read_message,
+    read_message_from,
+    recv_until,
+    send_message,
+    write_message,
+)
 from .splice import BUFFER_LIMIT
 from .tls import peer_identity
 
@@ -73,24 +83,47 @@ class HttpProxy:
         return f"{self.host}:{self.port}"
 
 
-async def _through_proxy(proxy: HttpProxy, relay: RelayEndpoint) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection(proxy.host, proxy.port, limit=BUFFER_LIMIT)
+async def connect_socket(relay: RelayEndpoint, proxy: HttpProxy | None = None) -> socket.socket:
+    """A connected non-blocking TCP socket to ``relay``, through ``proxy``'s CONNECT tunnel if given."""
+    loop = asyncio.get_running_loop()
+    host, port = (proxy.host, proxy.port) if proxy else (relay.host, relay.port)
+    errors = []
+    for family, kind, proto, _, address in await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+            break
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+    else:
+        raise errors[0] if errors else ConnectionError(f"{host}:{port} has no address")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small messages (pings, gRPC frames) go at once
+    if proxy is not None:
+        try:
+            await _connect_through(sock, proxy, relay)
+        except BaseException:
+            sock.close()
+            raise
+    return sock
+
+
+async def _connect_through(sock: socket.socket, proxy: HttpProxy, relay: RelayEndpoint) -> None:
     request = [f"CONNECT {relay.address} HTTP/1.1", f"Host: {relay.address}"]
     if proxy.username is not None:
         token = base64.b64encode(f"{proxy.username}:{proxy.password or ''}".encode()).decode()
         request.append(f"Proxy-Authorization: Basic {token}")
-    writer.write(("\r\n".join(request) + "\r\n\r\n").encode())
-    await writer.drain()
+    await asyncio.get_running_loop().sock_sendall(sock, ("\r\n".join(request) + "\r\n\r\n").encode())
     try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-        writer.close()
-        raise ConnectionError(f"proxy {proxy.describe()} closed the connection during CONNECT") from None
+        head = await recv_until(sock, b"\r\n\r\n", limit=16384)
+    except RelayProtocolError:
+        raise ConnectionError(f"proxy {proxy.describe()} answered CONNECT with an oversized header") from None
+    if not head.endswith(b"\r\n\r\n"):
+        raise ConnectionError(f"proxy {proxy.describe()} closed the connection during CONNECT")
     status = head.split(b"\r\n", 1)[0].decode("latin-1")
     if status.split(" ")[1:2] != ["200"]:
-        writer.close()
         raise ConnectionError(f"proxy {proxy.describe()} refused CONNECT {relay.address}: {status}")
-    return reader, writer
 
 
 async def dial_relay(
@@ -106,12 +139,13 @@ async def dial_relay(
     """
 
     async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if proxy is None:
-            return await asyncio.open_connection(relay.host, relay.port, ssl=context, server_hostname=relay.name,
+        sock = await connect_socket(relay, proxy)
+        try:
+            return await asyncio.open_connection(sock=sock, ssl=context, server_hostname=relay.name,
                                                  limit=BUFFER_LIMIT)
-        reader, writer = await _through_proxy(proxy, relay)
-        await writer.start_tls(context, server_hostname=relay.name)
-        return reader, writer
+        except BaseException:
+            sock.close()
+            raise
 
     reader, writer = await asyncio.wait_for(connect(), CONNECT_TIMEOUT_S)
     try:
@@ -124,3 +158,17 @@ async def dial_relay(
         writer.close()
         raise
     return reader, writer, reply
+
+
+async def join_path(relay: RelayEndpoint, token: str, proxy: HttpProxy | None = None) -> socket.socket:
+    """A path's plain data connection to ``relay``, once the relay says it is joined (see protocol)."""
+    sock = await asyncio.wait_for(connect_socket(relay, proxy), CONNECT_TIMEOUT_S)
+    try:
+        await send_message(sock, {"op": "join", "token": token})
+        # The caller's answer comes once the site's end has joined: allow for the site's dial.
+        reply = await asyncio.wait_for(read_message_from(sock), OPEN_TIMEOUT_S + CONNECT_TIMEOUT_S)
+        expect_ok(reply, f"relay {relay.name}")
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -2,9 +2,10 @@
 
 A relay holds no federation state and never a key that opens what it carries: it checks
 who connects (project certificates), keeps each site's attachment, and for a caller's
-path pairs the caller's connection with a fresh data connection the site opens, then
-copies bytes both ways through bounded buffers. Its memory does not grow with model size.
-No Airflow here.
+path hands out one-time tokens, pairs the two data connections that join with them, and
+copies bytes both ways in the kernel (through bounded pipes). Its memory does not grow
+with model size. TLS and plain data connections share one port: a connection's first
+byte tells them apart. No Airflow here.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import itertools
 import logging
 import os
 import secrets
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -23,8 +25,16 @@ from typing import Any
 
 from ..provisioning.certs import PeerIdentity
 from .loops import new_event_loop
-from .protocol import OPEN_TIMEOUT_S, RelayProtocolError, read_message, write_message
-from .splice import BUFFER_LIMIT, splice
+from .protocol import (
+    OPEN_TIMEOUT_S,
+    TLS_RECORD_TYPE_HANDSHAKE,
+    RelayProtocolError,
+    read_message,
+    read_message_from,
+    send_message,
+    write_message,
+)
+from .splice import BUFFER_LIMIT, SocketSplice, splice
 from .tls import TlsIdentity, peer_identity
 
 log = logging.getLogger(__name__)
@@ -50,8 +60,11 @@ class Attachment:
 
 @dataclass
 class _PendingPath:
+    """A path between its token being handed out and both data connections joining."""
+
     site: str
-    data: asyncio.Future  # (reader, writer) of the site's data connection
+    caller: asyncio.Future  # the caller's plain socket
+    data: asyncio.Future  # the site's end: a plain socket, or (reader, writer) over TLS
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -67,31 +80,101 @@ class Relay:
         self.identity = identity
         self.tap = tap
         self.attachments: dict[str, Attachment] = {}
-        self._pending: dict[str, _PendingPath] = {}
+        self._pending: dict[str, _PendingPath] = {}  # by conn id
+        self._tokens: dict[str, tuple[_PendingPath, str]] = {}  # token -> (path, "caller" or "site")
         self._ids = itertools.count(1)
+        self._context = identity.context(server_side=True)
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._splices: set[SocketSplice] = set()
         self.bytes_relayed = 0
         self.open_paths = 0
-        self.server: asyncio.base_events.Server | None = None
+        self.site_ends = {"plain": 0, "tls": 0}  # how sites' ends of paths joined, since start
 
     async def start(self, host: str, port: int) -> int:
-        """Listen; returns the port (useful with port 0)."""
-        self.server = await asyncio.start_server(self._handle, host, port, ssl=self.identity.context(server_side=True),
-                                                 ssl_handshake_timeout=_HANDSHAKE_TIMEOUT_S, limit=BUFFER_LIMIT)
-        bound = self.server.sockets[0].getsockname()[1]
-        log.info("Relay %s listening on %s:%d", self.name, host, bound)
-        return bound
+        """Listen on every address of ``host``; returns the port (useful with port 0)."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            listener = socket.socket(family, kind, proto)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listener.bind(address if not self._listeners else (address[0], port, *address[2:]))
+            port = port or listener.getsockname()[1]  # port 0: every address gets the first one's port
+            listener.listen(512)
+            listener.setblocking(False)
+            self._listeners.append(listener)
+            self._spawn(self._accept(listener))
+        log.info("Relay %s listening on %s:%d", self.name, host, port)
+        return port
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            for attachment in list(self.attachments.values()):
-                attachment.writer.close()
-            await self.server.wait_closed()
+        for listener in self._listeners:
+            listener.close()
+        for attachment in list(self.attachments.values()):
+            attachment.writer.close()
+        for path in list(self._splices):
+            path.cut()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, peer = await loop.sock_accept(listener)
+            except OSError as exc:  # out of descriptors, say: keep serving the others
+                log.warning("Relay %s: accept failed: %s", self.name, exc)
+                await asyncio.sleep(0.1)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._spawn(self._first_byte(sock, f"{peer[0]}:{peer[1]}"))
+
+    async def _first_byte(self, sock: socket.socket, address: str) -> None:
+        """TLS (a handshake record) or a plain data connection: peek, take nothing."""
+        loop = asyncio.get_running_loop()
+        try:
+            readable = loop.create_future()
+            loop.add_reader(sock.fileno(), _settle, readable)
+            try:
+                await asyncio.wait_for(readable, _HANDSHAKE_TIMEOUT_S)
+            finally:
+                loop.remove_reader(sock.fileno())
+            first = sock.recv(1, socket.MSG_PEEK)
+        except (OSError, asyncio.TimeoutError):
+            sock.close()
+            return
+        if first and first[0] == TLS_RECORD_TYPE_HANDSHAKE:
+            await self._tls(sock, address)
+        elif first:
+            await self._join(sock, address)
+        else:
+            sock.close()
+
+    async def _tls(self, sock: socket.socket, address: str) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=BUFFER_LIMIT)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=self._context,
+                                                              ssl_handshake_timeout=_HANDSHAKE_TIMEOUT_S)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+            log.info("Relay %s: TLS handshake with %s failed: %s", self.name, address, exc or type(exc).__name__)
+            sock.close()
+            return
+        await self._handle(reader, asyncio.StreamWriter(transport, protocol, reader, loop), address)
 
     # ---- connections ----------------------------------------------------------------
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        address = _address(writer)
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str) -> None:
         try:
             peer = peer_identity(writer.get_extra_info("ssl_object"))
             hello = await asyncio.wait_for(read_message(reader), _HANDSHAKE_TIMEOUT_S)
@@ -105,7 +188,7 @@ class Relay:
             elif op == "status":
                 self._require_caller(peer)
                 await write_message(writer, {"ok": True, "relay": self.name, "paths": self.open_paths,
-                                             "bytes": self.bytes_relayed,
+                                             "bytes": self.bytes_relayed, "site_ends": self.site_ends,
                                              "sites": [a.describe() for a in self.attachments.values()]})
             else:
                 raise RelayProtocolError(f"unknown request {op!r}")
@@ -150,36 +233,91 @@ class Relay:
         attachment = self.attachments.get(site)
         if attachment is None:
             raise LookupError(f"site {site!r} is not attached to relay {self.name}")
+        loop = asyncio.get_running_loop()
         conn = f"{next(self._ids)}-{secrets.token_hex(8)}"
-        pending = _PendingPath(site, asyncio.get_running_loop().create_future())
-        self._pending[conn] = pending
+        caller_token, site_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        path = _PendingPath(site, loop.create_future(), loop.create_future())
+        self._pending[conn] = path
+        self._tokens[caller_token] = (path, "caller")
+        self._tokens[site_token] = (path, "site")
+        self._spawn(self._carry(conn, path, peer, address, (caller_token, site_token)))
+        async with attachment.lock:
+            await write_message(attachment.writer, {"op": "open", "conn": conn, "token": site_token})
+        await write_message(writer, {"ok": True, "relay": self.name, "token": caller_token})
+
+    async def _carry(self, conn: str, path: _PendingPath, peer: PeerIdentity, address: str, tokens) -> None:
+        """Wait for both ends of a path to join, then copy between them until either closes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + OPEN_TIMEOUT_S
+        caller = site_end = None
         try:
-            async with attachment.lock:
-                await write_message(attachment.writer, {"op": "open", "conn": conn})
+            caller = await asyncio.wait_for(path.caller, OPEN_TIMEOUT_S)
             try:
-                site_reader, site_writer = await asyncio.wait_for(pending.data, OPEN_TIMEOUT_S)
+                site_end = await asyncio.wait_for(path.data, max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
-                raise LookupError(f"site {site!r} did not open a path within {OPEN_TIMEOUT_S:g}s") from None
-            await write_message(writer, {"ok": True, "relay": self.name})
-            log.debug("Relay %s: path %s from %s (%s) to %s", self.name, conn, peer.name, address, site)
-            self.open_paths += 1
-            try:
-                self.bytes_relayed += await splice(reader, writer, site_reader, site_writer, self._tap_for(conn))
-            finally:
-                self.open_paths -= 1
+                await _refuse(caller, f"site {path.site!r} did not open a path within {OPEN_TIMEOUT_S:g}s")
+                caller = None
+                raise
+            await send_message(caller, {"ok": True, "relay": self.name})
+        except (asyncio.TimeoutError, OSError) as exc:
+            log.info("Relay %s: path %s to %s not completed: %s", self.name, conn, path.site,
+                     exc or ("the site did not join" if caller is None and path.caller.done() else "timed out"))
+            for end in (caller, site_end):
+                _close(end)
+            return
         finally:
+            for token in tokens:
+                self._tokens.pop(token, None)
             self._pending.pop(conn, None)
-            pending.done.set()
+        log.debug("Relay %s: path %s from %s (%s) to %s", self.name, conn, peer.name, address, path.site)
+        self.open_paths += 1
+        try:
+            if isinstance(site_end, socket.socket):
+                carried = SocketSplice(caller, site_end, self._tap_for(conn))
+                self._splices.add(carried)
+                try:
+                    self.bytes_relayed += await carried.run()
+                finally:
+                    self._splices.discard(carried)
+            else:  # the site's end is TLS to this relay: asyncio streams on both sides
+                caller_reader, caller_writer = await asyncio.open_connection(sock=caller, limit=BUFFER_LIMIT)
+                self.bytes_relayed += await splice(caller_reader, caller_writer, *site_end, self._tap_for(conn))
+        finally:
+            self.open_paths -= 1
+            path.done.set()
+
+    async def _join(self, sock: socket.socket, address: str) -> None:
+        """A plain data connection: its token says which path and which end it is."""
+        try:
+            hello = await asyncio.wait_for(read_message_from(sock), _HANDSHAKE_TIMEOUT_S)
+            if hello.get("op") != "join":
+                raise RelayProtocolError(f"a plain connection may only join a path, not {hello.get('op')!r}")
+            path, end = self._tokens.pop(str(hello.get("token")), (None, None))
+            if path is None:
+                raise LookupError("no path is waiting for this token (unknown, used or expired)")
+            if end == "site":
+                self.site_ends["plain"] += 1
+                await send_message(sock, {"ok": True})
+                _settle(path.data, sock)
+            else:
+                _settle(path.caller, sock)  # answered once the site's end has joined
+        except (RelayProtocolError, LookupError) as exc:
+            log.warning("Relay %s refused %s: %s", self.name, address, exc)
+            await _refuse(sock, str(exc))
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.info("Relay %s: connection from %s ended: %s", self.name, address, exc or type(exc).__name__)
+            sock.close()
 
     async def _data(self, peer: PeerIdentity, hello: dict, reader, writer) -> None:
-        pending = self._pending.get(hello.get("conn"))
-        if pending is None or pending.data.done():
+        path = self._pending.get(hello.get("conn"))
+        if path is None or path.data.done():
             raise LookupError(f"no path {hello.get('conn')!r} is waiting")
-        if peer.kind != "client" or peer.name != pending.site:
-            raise PermissionError(f"{peer.kind} {peer.name!r} may not open a path for site {pending.site!r}")
+        if peer.kind != "client" or peer.name != path.site:
+            raise PermissionError(f"{peer.kind} {peer.name!r} may not open a path for site {path.site!r}")
+        self.site_ends["tls"] += 1
         await write_message(writer, {"ok": True})
-        pending.data.set_result((reader, writer))
-        await pending.done.wait()  # the caller's side splices, then lets this connection go
+        path.data.set_result((reader, writer))
+        await path.done.wait()  # the path's carrier copies, then lets this connection go
 
     def _require_caller(self, peer: PeerIdentity) -> None:
         if peer.kind == "server" or (peer.kind == "admin" and peer.role in ADMIN_ROLES):
@@ -190,9 +328,24 @@ class Relay:
         return None if self.tap is None else (lambda data: self.tap(conn, data))
 
 
-def _address(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+def _settle(future: asyncio.Future, value=None) -> None:
+    if not future.done():
+        future.set_result(value)
+    elif isinstance(value, socket.socket):  # a second join for an end already there
+        value.close()
+
+
+def _close(end) -> None:
+    if isinstance(end, socket.socket):
+        end.close()
+    elif end is not None:
+        end[1].close()
+
+
+async def _refuse(sock: socket.socket, reason: str) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(send_message(sock, {"ok": False, "error": reason}), 5)
+    sock.close()
 
 
 def run_relay(name: str, identity: TlsIdentity, host: str, port: int) -> None:

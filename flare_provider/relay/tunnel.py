@@ -16,15 +16,16 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Sequence
 
 from ..files import safe_name
-from .dial import RelayEndpoint, dial_relay
+from .dial import RelayEndpoint, dial_relay, join_path
 from .loops import new_event_loop
 from .protocol import RelayProtocolError
-from .splice import BUFFER_LIMIT, splice
+from .splice import splice_sockets
 from .tls import TlsIdentity
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ class RelayTunnel:
         self._context = identity.context(server_side=False)
         self._folder = tempfile.mkdtemp(prefix="flare-tunnel-")  # 0700: only this user reaches the sockets
         self._addresses: dict[str, str] = {}
-        self._listeners: list[asyncio.AbstractServer] = []  # held: a server nobody references may be closed
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task] = set()  # held: the loop keeps only weak references
         self._preferred: dict[str, int] = {}  # site -> index of the relay that last worked
         self._lock = threading.Lock()
         self._loop = new_event_loop()
@@ -64,40 +66,71 @@ class RelayTunnel:
 
     def close(self) -> None:
         if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._cancel_tasks(), self._loop).result(5)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
         if not self._thread.is_alive() and not self._loop.is_closed():
             self._loop.close()
+        for listener in self._listeners:  # after the loop: nothing waits on them any more
+            listener.close()
         shutil.rmtree(self._folder, ignore_errors=True)
 
     async def _listen(self, site: str, path: str) -> None:
-        self._listeners.append(
-            await asyncio.start_unix_server(lambda r, w: self._carry(site, r, w), path, limit=BUFFER_LIMIT)
-        )
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(64)
+        listener.setblocking(False)
+        self._listeners.append(listener)
+        self._spawn(self._accept(site, listener))
 
-    async def _carry(self, site: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, site: str, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                channel, _ = await loop.sock_accept(listener)
+            except OSError:
+                if listener.fileno() < 0:  # closed: the tunnel is going away
+                    return
+                await asyncio.sleep(0.1)
+                continue
+            self._spawn(self._carry(site, channel))
+
+    async def _carry(self, site: str, channel: socket.socket) -> None:
         try:
-            relay_reader, relay_writer, relay = await self.open_path(site)
+            relay_sock, relay = await self.open_path(site)
         except NoRelayPath as exc:
             log.warning("%s", exc)
-            writer.close()  # the channel sees the connection fail and reports UNAVAILABLE
+            channel.close()  # the channel sees the connection fail and reports UNAVAILABLE
             return
         log.debug("Path to %s through relay %s", site, relay.name)
-        await splice(reader, writer, relay_reader, relay_writer)
+        await splice_sockets(channel, relay_sock)
 
-    async def open_path(self, site: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, RelayEndpoint]:
-        """A connection through a relay that the site is attached to, trying the last good relay first."""
+    async def open_path(self, site: str) -> tuple[socket.socket, RelayEndpoint]:
+        """A data connection through a relay that the site is attached to, trying the last good relay first."""
         start = self._preferred.get(site, 0)
         order = [self.relays[(start + i) % len(self.relays)] for i in range(len(self.relays))]
         reasons = []
         for index, relay in enumerate(order):
             try:
-                reader, writer, _ = await dial_relay(relay, self._context, {"op": "open", "site": site})
+                _, writer, reply = await dial_relay(relay, self._context, {"op": "open", "site": site})
+                writer.close()
+                sock = await join_path(relay, str(reply.get("token")))
             except (RelayProtocolError, OSError, asyncio.TimeoutError) as exc:
                 reasons.append(f"{relay.name} ({relay.address}): {exc or type(exc).__name__}")
                 continue
             self._preferred[site] = (start + index) % len(self.relays)
-            return reader, writer, relay
+            return sock, relay
         raise NoRelayPath(f"no relay has a path to site {site!r}: " + "; ".join(reasons))
 
     async def relay_status(self, relay: RelayEndpoint) -> dict:

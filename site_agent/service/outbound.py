@@ -3,8 +3,9 @@
 With ``connect: outbound`` (site.yaml) the agent listens on a Unix socket only, and this
 connector keeps one attachment per relay of the kit: a TLS connection (through the HTTP
 proxy the site names, if any) on which the relay asks for paths and the site pings. For
-each path the site dials a fresh data connection to the relay and joins it to the local
-agent; the caller's mutual TLS with the agent runs inside, end to end. A relay that goes
+each path the site dials a fresh data connection to the relay (plain TCP with the path's
+one-time token, or TLS with ``relay_data: tls``) and joins it to the local agent; the
+caller's mutual TLS with the agent runs inside, end to end. A relay that goes
 away is dialled again with jittered backoff. The site opens no port at all.
 """
 
@@ -13,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from flare_provider.relay.dial import HttpProxy, RelayEndpoint, dial_relay
+from flare_provider.relay.dial import HttpProxy, RelayEndpoint, dial_relay, join_path
 from flare_provider.relay.loops import new_event_loop
 from flare_provider.relay.protocol import (
     PING_INTERVAL_S,
@@ -28,7 +30,7 @@ from flare_provider.relay.protocol import (
     read_message,
     write_message,
 )
-from flare_provider.relay.splice import BUFFER_LIMIT, splice
+from flare_provider.relay.splice import BUFFER_LIMIT, splice, splice_sockets
 from flare_provider.relay.tls import TlsIdentity
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,12 @@ class OutboundConnector:
         *,
         proxy: HttpProxy | None = None,
         ping_interval: float = PING_INTERVAL_S,
+        relay_data: str = "plain",
     ):
         self.site = site
         self.agent_socket = agent_socket
         self.proxy = proxy
+        self.relay_data = relay_data  # "tls": data connections look like TLS too, for proxies that insist
         self.ping_interval = ping_interval
         self.states = {relay.name: AttachmentState(relay) for relay in relays}
         self._context = identity.context(server_side=False)
@@ -132,7 +136,7 @@ class OutboundConnector:
                 if message.get("op") == "pong":
                     state.last_ping = time.time()
                 elif message.get("op") == "open":
-                    path = asyncio.create_task(self._join(state.relay, str(message.get("conn"))))
+                    path = asyncio.create_task(self._join(state.relay, message))
                     self._paths.add(path)
                     path.add_done_callback(self._paths.discard)
         finally:
@@ -144,20 +148,31 @@ class OutboundConnector:
             async with lock:
                 await write_message(writer, {"op": "ping"})
 
-    async def _join(self, relay: RelayEndpoint, conn: str) -> None:
-        """A caller asked for a path: dial a data connection and join it to the local agent."""
+    async def _join(self, relay: RelayEndpoint, message: dict) -> None:
+        """A caller asked for a path: join it with a data connection and carry it to the local agent."""
+        conn, token = str(message.get("conn")), message.get("token")
         try:
-            relay_reader, relay_writer, _ = await dial_relay(relay, self._context, {"op": "data", "conn": conn}, self.proxy)
+            if self.relay_data == "tls" or not token:
+                relay_end = await dial_relay(relay, self._context, {"op": "data", "conn": conn}, self.proxy)
+            else:
+                relay_end = await join_path(relay, str(token), self.proxy)
         except (RelayProtocolError, OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
             log.warning("Site %s: path %s through relay %s failed: %s", self.site, conn, relay.name, _reason(exc))
             return
+        agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        agent.setblocking(False)
         try:
-            agent_reader, agent_writer = await asyncio.open_unix_connection(self.agent_socket, limit=BUFFER_LIMIT)
+            await asyncio.get_running_loop().sock_connect(agent, self.agent_socket)
         except OSError as exc:
             log.error("Site %s: the agent's socket %s does not answer: %s", self.site, self.agent_socket, exc)
-            relay_writer.close()
+            agent.close()
+            (relay_end if isinstance(relay_end, socket.socket) else relay_end[1]).close()
             return
-        await splice(relay_reader, relay_writer, agent_reader, agent_writer)
+        if isinstance(relay_end, socket.socket):
+            await splice_sockets(relay_end, agent)
+        else:
+            agent_reader, agent_writer = await asyncio.open_unix_connection(sock=agent, limit=BUFFER_LIMIT)
+            await splice(relay_end[0], relay_end[1], agent_reader, agent_writer)
 
     def _via(self) -> str:
         return f" through proxy {self.proxy.describe()}" if self.proxy else ""

@@ -159,6 +159,7 @@ class SiteAgent:
             identity,
             socket_path,
             proxy=HttpProxy.from_url(proxy) if proxy else HttpProxy.from_environment(self.config.relays[0].host),
+            relay_data=self.settings.relay_data,
         )
         return f"unix:{socket_path}"
 

@@ -9,7 +9,7 @@ import time
 import uuid
 
 import pytest
-from relay_support import RELAYS, attached, relay_endpoint, run_rounds, wait_attached
+from relay_support import RELAYS, attached, relay_endpoint, relay_status, run_rounds, wait_attached
 
 from flare_provider.poc import free_port
 
@@ -36,10 +36,10 @@ def tinyproxy(relayed, tmp_path):
     proc.wait(10)
 
 
-def restart_with_proxy(relayed, url: str | None) -> None:
+def restart_with_proxy(relayed, url: str | None, relay_data: str = "plain") -> None:
     agent = relayed.agent(SITE)
     agent.stop()
-    relayed.set_site_settings(SITE, proxy=url)
+    relayed.set_site_settings(SITE, proxy=url, relay_data=relay_data)
     agent.start(wait=False)
 
 
@@ -56,6 +56,25 @@ def test_a_site_attaches_and_trains_through_the_proxy(relayed, tinyproxy, tmp_pa
             assert f"127.0.0.1:{relay_endpoint(relayed, server).port}" in proxied
         assert proxied.count("CONNECT") >= len(RELAYS) + 1
         assert f"through proxy 127.0.0.1:{port}" in relayed.agent(SITE).log_tail(100)
+    finally:
+        restart_with_proxy(relayed, None)
+        relayed.agent(SITE).wait_ready()
+
+
+def test_a_site_whose_proxy_passes_only_tls_keeps_its_data_connections_in_tls(relayed, tinyproxy, tmp_path):
+    """relay_data: tls wraps the site's ends of paths in TLS to the relay too; the others stay plain."""
+    port, _ = tinyproxy
+    started = time.time()
+    restart_with_proxy(relayed, f"http://{USER}:{PASSWORD}@127.0.0.1:{port}", relay_data="tls")
+    try:
+        for server in RELAYS:
+            wait_attached(relayed, server, [SITE], since=started)
+        before = {server: relay_status(relayed, server)["site_ends"] for server in RELAYS}
+        assert run_rounds(relayed, tmp_path).history[-1].accepted == list(relayed.sites)
+        after = {server: relay_status(relayed, server)["site_ends"] for server in RELAYS}
+        tls = sum(after[s]["tls"] - before[s]["tls"] for s in RELAYS)
+        plain = sum(after[s]["plain"] - before[s]["plain"] for s in RELAYS)
+        assert tls >= 1 and plain >= len(relayed.sites) - 1, (before, after)
     finally:
         restart_with_proxy(relayed, None)
         relayed.agent(SITE).wait_ready()

@@ -14,8 +14,8 @@ from flare_provider.poc import prepare
 from flare_provider.provisioning.certs import issue_certificate
 from flare_provider.provisioning.project import Participant
 from flare_provider.provisioning.workspace import Workspace
-from flare_provider.relay.dial import dial_relay
-from flare_provider.relay.protocol import RelayProtocolError
+from flare_provider.relay.dial import connect_socket, dial_relay, join_path
+from flare_provider.relay.protocol import RelayProtocolError, read_message_from, send_message
 from flare_provider.relay.tls import TlsIdentity
 from flare_provider.wire.tensors import load_file
 
@@ -66,6 +66,53 @@ def test_refused_with_a_reason_and_nothing_changes(relayed, who, hello, refusal)
     with pytest.raises(RelayProtocolError, match=refusal.replace("(", r"\(").replace(")", r"\)")):
         ask(relayed, identity, hello)
     assert set(attached(relayed, RELAYS[0])) == before  # site-2 is still attached, as itself
+
+
+def plain_line(fed, line: dict, server: str = RELAYS[0]) -> dict:
+    """What a relay answers a plain (non-TLS) connection that opens with ``line``."""
+
+    async def go():
+        sock = await connect_socket(relay_endpoint(fed, server))
+        try:
+            await send_message(sock, line)
+            return await read_message_from(sock)
+        finally:
+            sock.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    "line, refusal",
+    [
+        ({"op": "join", "token": "made-up"}, "no path is waiting for this token"),
+        ({"op": "join"}, "no path is waiting for this token"),
+        ({"op": "attach", "site": "site-1"}, "a plain connection may only join a path, not 'attach'"),
+        ({"op": "open", "site": "site-1"}, "a plain connection may only join a path, not 'open'"),
+    ],
+)
+def test_a_plain_connection_without_a_valid_token_gets_nothing(relayed, line, refusal):
+    before = set(wait_attached(relayed, RELAYS[0], relayed.sites))
+    reply = plain_line(relayed, line)
+    assert reply["ok"] is False and refusal in reply["error"]
+    assert set(attached(relayed, RELAYS[0])) == before
+
+
+def test_a_path_token_is_good_for_one_join_only(relayed):
+    wait_attached(relayed, RELAYS[0], relayed.sites)
+    relay, identity = relay_endpoint(relayed, RELAYS[0]), server_identity(relayed)
+
+    async def go():
+        _, writer, reply = await dial_relay(relay, identity.context(server_side=False), {"op": "open", "site": "site-1"})
+        writer.close()
+        first = await join_path(relay, reply["token"])  # the site joined its end: a path to site-1's agent
+        try:
+            with pytest.raises(RelayProtocolError, match="no path is waiting for this token"):
+                await join_path(relay, reply["token"])
+        finally:
+            first.close()
+
+    asyncio.run(go())
 
 
 def test_a_certificate_of_another_project_gets_nothing(relayed, tmp_path):
