@@ -1,7 +1,8 @@
 """The event loop relays, tunnels and site connectors run on: uvloop where installed.
 
-Every relayed byte is decrypted and encrypted again by the loop's TLS transport; uvloop's
-is markedly faster than the standard library's, and asyncio's is the fallback.
+The loops carry the control connections (TLS: attachments, pings, path requests) and, for
+a site with ``relay_data: tls``, that site's data connections; uvloop's TLS transport is
+markedly faster than the standard library's, and asyncio's is the fallback.
 """
 
 from __future__ import annotations
