@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv test clean proto demo bench
+.PHONY: venv test clean proto demo bench fuzz
 
 venv: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: venv  # a local federation trained by a real Airflow; Ctrl-C stops it (see
 
 bench: venv  # the benchmarks under bench/; rewrites bench/RESULTS.md (see bench/README.md)
 	$(BIN)/python -m bench
+
+FUZZ_SECONDS ?= 60
+fuzz: venv  # coverage-guided fuzzing of the archive and safetensors readers, FUZZ_SECONDS per target (not in make test)
+	$(BIN)/python -c "import atheris" 2>/dev/null || $(BIN)/pip install --quiet --no-build-isolation -c constraints/test.txt -e ".[fuzz]"
+	$(BIN)/python -m fuzz --seconds $(FUZZ_SECONDS)
 
 proto: venv  # regenerate the gRPC code from flare_provider/wire/agent.proto
 	$(BIN)/python -m flare_provider.wire.codegen

@@ -7,11 +7,22 @@ never read past their declared size, so the bound holds for the bytes written to
 
 from __future__ import annotations
 
+import lzma
 import os
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+# What reading a damaged or unusual entry raises: a bad header or CRC, an entry placed before
+# the archive's start (a negative seek), a broken compressed stream (each decompressor has its
+# own error), a method zipfile lacks, an encrypted entry.
+ENTRY_READ_ERRORS = (
+    zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, NotImplementedError, RuntimeError
+)
+# What opening bytes that are no zip raises, beyond BadZipFile (found by fuzzing: bad offsets, sizes).
+OPEN_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError)
 
 
 class UnsafeArchiveError(ValueError):
@@ -45,7 +56,7 @@ def safe_members(
     for info in zf.infolist():
         name = PurePosixPath(info.filename)
         mode = info.external_attr >> 16
-        if info.is_dir():
+        if info.filename.endswith("/"):  # a folder (ZipInfo.is_dir fails on an empty name)
             continue
         if name.is_absolute() or ".." in name.parts or "\\" in info.filename or not name.parts:
             raise error(f"{source}: entry {info.filename!r} would be written outside the target folder")
@@ -84,7 +95,7 @@ def extract_members(
         out = Path(dest).joinpath(*parts)
         try:
             data = zf.read(member.info)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except ENTRY_READ_ERRORS as exc:
             raise error(f"{source}: entry {member.info.filename!r} is damaged: {exc}") from None
         try:
             out.parent.mkdir(parents=True, exist_ok=True)

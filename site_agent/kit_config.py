@@ -59,6 +59,8 @@ def load_agent_config(kit_dir: str | Path) -> AgentConfig:
         raise ConfigError(f"{path}: missing; is {kit_dir} a site's startup kit?") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: cannot read: JSON nested too deeply") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a JSON object")
 
@@ -70,7 +72,7 @@ def load_agent_config(kit_dir: str | Path) -> AgentConfig:
 
     def file(field: str) -> Path:
         name = text(field)
-        if Path(name).name != name:
+        if Path(name).name != name or name in (".", "..") or "\x00" in name:
             raise ConfigError(f"{path}: '{field}' must name a file in {path.parent}, found {name!r}")
         return path.parent / name
 
@@ -103,3 +105,4 @@ def load_agent_config(kit_dir: str | Path) -> AgentConfig:
         relays=relays,
         servers=tuple(servers),
     )
+

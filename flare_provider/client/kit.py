@@ -40,15 +40,42 @@ class SiteEndpoint:
 
         Raises KeyError, TypeError or ValueError (callers name the file or connection).
         """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"site name {name!r} is not a non-empty string")
+        if not isinstance(doc, dict):
+            raise TypeError(f"site {name!r}: expected a mapping of host, port, org, gpus, connect, got {doc!r}")
         connect = doc.get("connect", "listen")
         if connect not in ("outbound", "listen"):
             raise ValueError(f"site {name!r}: connect must be outbound or listen, not {connect!r}")
-        return cls(name, doc["host"], int(doc["port"]), doc.get("org", ""), tuple(doc.get("gpus", ())), connect)
+        host, port, org, gpus = doc["host"], doc["port"], doc.get("org", ""), doc.get("gpus", [])
+        if not isinstance(host, str) or not host or not host.isprintable() or " " in host:
+            raise ValueError(f"site {name!r}: host must be a host name or address, not {host!r}")
+        if isinstance(port, str) and port.isascii() and port.isdigit():  # a form field keeps it as text
+            port = int(port)
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValueError(f"site {name!r}: port must be an integer from 1 to 65535, not {port!r}")
+        if not isinstance(org, str):
+            raise ValueError(f"site {name!r}: org must be a string, not {org!r}")
+        if not isinstance(gpus, list) or any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in gpus):
+            raise ValueError(f"site {name!r}: gpus must be a list of GPU ids, not {gpus!r}")
+        return cls(name, host, port, org, tuple(gpus), connect)
 
     @classmethod
     def map_from(cls, sites: Any) -> dict[str, "SiteEndpoint"]:
         """``{name: SiteEndpoint}`` from ``{name: {host, port, ...}}``."""
         return {name: cls.from_dict(name, doc) for name, doc in sites.items()}
+
+
+def relay_endpoints(raw: Any) -> tuple[RelayEndpoint, ...]:
+    """The relays a kit or connection lists: ``[{name, host, port}, ...]``; ValueError naming the bad entry."""
+    if not isinstance(raw, list):
+        raise ValueError(f"expected a list of {{name, host, port}}, got {raw!r}")
+    try:
+        return tuple(RelayEndpoint.from_dict(doc) for doc in raw)
+    except KeyError as exc:
+        raise ValueError(f"a relay has no {exc}") from None
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -162,7 +189,7 @@ def _read_caller_kit(config_path: Path, kind: str) -> CallerKit:
     try:
         doc = json.loads(config_path.read_text(encoding="utf-8"))
         sites = SiteEndpoint.map_from(doc.get("sites", {}))
-        relays = tuple(RelayEndpoint.from_dict(r) for r in doc.get("relays", []))
+        relays = relay_endpoints(doc.get("relays", []))
         return CallerKit(
             project=doc["project"],
             name=doc[kind],
@@ -173,7 +200,7 @@ def _read_caller_kit(config_path: Path, kind: str) -> CallerKit:
             sites=sites,
             relays=relays,
         )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise KitError(f"{config_path}: unusable ({type(exc).__name__}: {exc})") from None
 
 

@@ -34,6 +34,16 @@ class FlareConnectionError(ValueError):
     """A ``flare`` connection that lacks what reaching the sites needs."""
 
 
+def _pem_field(conn: Any, field: str, value: Any) -> bytes:
+    """A field's PEM blocks (see :func:`normalize_pem`); never a value of the field in the error."""
+    if not isinstance(value, str):
+        raise FlareConnectionError(f"connection {conn.conn_id!r}: {field} must be PEM text, got {type(value).__name__}")
+    try:
+        return normalize_pem(value)
+    except UnicodeEncodeError:
+        raise FlareConnectionError(f"connection {conn.conn_id!r}: {field} holds characters PEM cannot carry") from None
+
+
 class FlareHook(BaseHook):
     """Reach a federation's site agents with the server identity of connection ``flare_conn_id``."""
 
@@ -50,43 +60,50 @@ class FlareHook(BaseHook):
     @classmethod
     def kit_from_connection(cls, conn: Any) -> "CallerKit":
         from flare_provider.client import CallerKit, SiteEndpoint
-        from flare_provider.relay.dial import RelayEndpoint
+        from flare_provider.client.kit import relay_endpoints
 
         try:
             extra = conn.extra_dejson if hasattr(conn, "extra_dejson") else json.loads(conn.extra or "{}")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise FlareConnectionError(f"connection {conn.conn_id!r}: extra is not JSON: {exc}") from None
+        if not isinstance(extra, dict):
+            raise FlareConnectionError(f"connection {conn.conn_id!r}: extra must be a JSON object, got {type(extra).__name__}")
         # The UI's form stores its fields as "extra__flare__<name>"; imported files use "<name>".
         extra = {k.removeprefix(f"extra__{cls.conn_type}__"): v for k, v in extra.items()}
         missing = [k for k in ("project", "cert_pem", "root_ca_pem", "sites") if not extra.get(k)]
         if not conn.login:
             missing.append("login (the server identity's name)")
-        key_pem = normalize_pem(conn.password or "")
+        key_pem = _pem_field(conn, "password", conn.password or "")
         if not key_pem:
             missing.append("password (the server identity's private key, PEM)")
         if missing:
             raise FlareConnectionError(
                 f"connection {conn.conn_id!r} lacks {', '.join(missing)}; import the server kit's startup/connections.json"
             )
+        if not isinstance(extra["project"], str) or not isinstance(conn.login, str):
+            raise FlareConnectionError(f"connection {conn.conn_id!r}: project and login must be names (text)")
         sites = extra["sites"]
-        if isinstance(sites, str):
-            sites = json.loads(sites)
         relays = extra.get("relays") or []
-        try:
-            endpoints = SiteEndpoint.map_from(sites)
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        try:  # both may be JSON text (a form field) or already parsed (an imported connection)
+            endpoints = SiteEndpoint.map_from(json.loads(sites) if isinstance(sites, str) else sites)
+        except (AttributeError, KeyError, TypeError, ValueError, RecursionError) as exc:
             raise FlareConnectionError(f"connection {conn.conn_id!r}: sites must map names to {{host, port}}: {exc}") from None
         try:
-            relays = tuple(RelayEndpoint.from_dict(r) for r in (json.loads(relays) if isinstance(relays, str) else relays))
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            relays = relay_endpoints(json.loads(relays) if isinstance(relays, str) else relays)
+        except (ValueError, RecursionError) as exc:
             raise FlareConnectionError(f"connection {conn.conn_id!r}: relays must be a list of {{name, host, port}}: {exc}") from None
+        pems = {}
+        for field in ("cert_pem", "root_ca_pem"):
+            pems[field] = _pem_field(conn, field, extra[field])
+            if not pems[field]:
+                raise FlareConnectionError(f"connection {conn.conn_id!r}: {field} holds no PEM block")
         return CallerKit(
             project=extra["project"],
             name=conn.login,
             kind="server",
-            cert_pem=normalize_pem(extra["cert_pem"]),
+            cert_pem=pems["cert_pem"],
             key_pem=key_pem,
-            root_ca_pem=normalize_pem(extra["root_ca_pem"]),
+            root_ca_pem=pems["root_ca_pem"],
             sites=endpoints,
             relays=relays,
         )

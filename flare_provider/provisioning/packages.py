@@ -21,12 +21,17 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from ..safezip import ZipMember, extract_members, safe_members
+from ..safezip import OPEN_ERRORS, ZipMember, extract_members, safe_members
 
 MAGIC = b"FLAREKIT"
 _VERSION = 1
 _HEADER = struct.Struct(">8sBBBB16s12s")  # magic, version, log2(n), r, p, salt, nonce
 _SCRYPT = (15, 8, 1)  # n = 2**15: about 0.1 s and 32 MiB per attempt
+# What a package's header may ask of the key derivation: scrypt takes 128 * r * n bytes and
+# time in proportion to n * r * p, so a header may not make opening it cost more than 8 times
+# this version's memory (256 MiB) and 16 times its work.
+_MAX_SCRYPT_MEMORY = 128 * 8 * (1 << 15) * 8
+_MAX_SCRYPT_WORK = 8 * (1 << 15) * 16
 ENCRYPTED_SUFFIX = ".zip.enc"
 MAX_UNPACKED_BYTES = 256 << 20  # a kit is a few KiB; anything near this is not a kit
 
@@ -55,7 +60,11 @@ def generate_password() -> str:
 
 
 def _derive_key(password: str, salt: bytes, log_n: int, r: int, p: int) -> bytes:
-    return Scrypt(salt=salt, length=32, n=1 << log_n, r=r, p=p).derive(password.encode())
+    try:  # a password from a command line or the environment may carry undecodable bytes
+        secret = password.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise PackageError("the password holds characters that cannot be encoded (lone surrogates)") from None
+    return Scrypt(salt=salt, length=32, n=1 << log_n, r=r, p=p).derive(secret)
 
 
 def encrypt(data: bytes, password: str) -> bytes:
@@ -77,7 +86,12 @@ def decrypt(blob: bytes, password: str, source: str = "package") -> bytes:
     magic, version, log_n, r, p, salt, nonce = _HEADER.unpack_from(blob)
     if version != _VERSION or not (10 <= log_n <= 22 and 1 <= r <= 32 and 1 <= p <= 16):
         raise PackageError(f"{source}: unsupported package version or parameters")
-    key = _derive_key(password, salt, log_n, r, p)
+    if 128 * r * (1 << log_n) > _MAX_SCRYPT_MEMORY or r * p * (1 << log_n) > _MAX_SCRYPT_WORK:
+        raise PackageError(f"{source}: its key derivation parameters would take too much memory or time")
+    try:
+        key = _derive_key(password, salt, log_n, r, p)
+    except PackageError as exc:
+        raise PackageError(f"{source}: {exc}") from None
     try:
         return AESGCM(key).decrypt(nonce, blob[_HEADER.size :], blob[: _HEADER.size])
     except InvalidTag:
@@ -87,7 +101,7 @@ def decrypt(blob: bytes, password: str, source: str = "package") -> bytes:
 def _kit_members(zf: zipfile.ZipFile, source: str) -> list[ZipMember]:
     members = safe_members(zf, source, MAX_UNPACKED_BYTES, PackageError)
     tops = {m.path.parts[0] for m in members}
-    if len(tops) != 1:
+    if len(tops) != 1 or any(len(m.path.parts) < 2 for m in members):
         raise PackageError(f"{source}: a kit package holds exactly one participant folder, found {sorted(tops)}")
     return members
 
@@ -109,7 +123,7 @@ def unpack(package: str | Path, dest: str | Path, password: str | None = None) -
         blob = decrypt(blob, password, str(package))
     try:
         zf = zipfile.ZipFile(io.BytesIO(blob))
-    except zipfile.BadZipFile:
+    except OPEN_ERRORS:
         raise PackageError(f"{package}: not a zip file or a protected kit package") from None
     with zf:
         members = _kit_members(zf, str(package))

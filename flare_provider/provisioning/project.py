@@ -36,8 +36,12 @@ ADMIN_ROLES = {
 }
 
 # A name becomes a certificate CN (at most 64 characters) and a folder name.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-_HOST_RE = re.compile(r"^[A-Za-z0-9*]([A-Za-z0-9.-]{0,252})$")
+# \Z, not $: "$" also matches before a final newline, which must not reach a file name.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
+_HOST_RE = re.compile(r"^[A-Za-z0-9*]([A-Za-z0-9.-]{0,252})\Z")
+# An org becomes a certificate's O (at most 64 characters, RFC 5280): printable text only.
+_ORG_MAX = 64
+_MAX_GPUS = 1024  # more GPU ids than any machine has: a typo, not a site
 
 # Builders whose job this project does; any other builder path is reported as ignored.
 HONOURED_BUILDERS = {
@@ -173,6 +177,10 @@ def parse_project(text: str, source: str = "project.yml") -> Project:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ProjectError(f"{source}: not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise ProjectError(f"{source}: not valid YAML: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise ProjectError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
         raise ProjectError(f"{source}: expected a YAML mapping at the top level, got {type(doc).__name__}")
     return _ProjectParser(doc, source).parse()
@@ -236,7 +244,7 @@ class _ProjectParser:
             if kind == "overseer":
                 self.warnings.append(f"{where}: overseer participants are not needed, {OVERSEER_NOTE}; ignored")
                 continue
-            if kind not in _PARTICIPANT_KEYS:
+            if not isinstance(kind, str) or kind not in _PARTICIPANT_KEYS:
                 raise self.fail(f"{where}: type", f"unknown participant type {kind!r} (use server, client or admin)")
             for key in item:
                 if key not in _PARTICIPANT_KEYS[kind]:
@@ -245,6 +253,10 @@ class _ProjectParser:
             org = item.get("org")
             if not isinstance(org, str) or not org.strip():
                 raise self.fail(f"{where}: org", "missing: every participant needs an org")
+            if len(org) > _ORG_MAX or not org.isprintable():
+                raise self.fail(
+                    f"{where}: org", f"{org!r} cannot be a certificate's organization (1-{_ORG_MAX} printable characters)"
+                )
             result.append(getattr(self, f"parse_{kind}")(item, name, org, where))
 
         servers = [p for p in result if p.type == "server"]
@@ -277,10 +289,11 @@ class _ProjectParser:
             raise self.fail(where, f"bad host name {value!r}")
         try:
             ipaddress.ip_address(value)
-            return value
+            if "%" not in value:  # a scope zone means something on one machine only
+                return value
         except ValueError:
             pass
-        if not _HOST_RE.match(value) or ".." in value:
+        if not _HOST_RE.match(value) or ".." in value:  # also refuses an IPv6 scope (fe80::1%eth0)
             raise self.fail(where, f"bad host name {value!r}")
         return value
 
@@ -342,15 +355,17 @@ class _ProjectParser:
         if resources is None:
             if isinstance(args, dict) and "num_of_gpus" in args:
                 count = args["num_of_gpus"]
-                if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= _MAX_GPUS:
                     raise self.fail(f"{where}: components.resource_manager.args.num_of_gpus", f"bad GPU count {count!r}")
                 return tuple(range(count))
             return ()
         gpus = resources.get("gpu", []) if isinstance(resources, dict) else None
-        if not isinstance(gpus, list) or any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in gpus):
+        if not isinstance(gpus, list) or any(
+            isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < _MAX_GPUS for g in gpus
+        ):
             raise self.fail(
                 f"{where}: components.resource_manager.args.resources.gpu",
-                f"must be a list of GPU ids (non-negative integers), got {gpus!r}",
+                f"must be a list of GPU ids (integers from 0 to {_MAX_GPUS - 1}), got {gpus!r}",
             )
         return tuple(gpus)
 
@@ -360,7 +375,7 @@ class _ProjectParser:
             role = item["roles"][0]
         if role is None:
             raise self.fail(f"{where}: role", "missing: an admin needs a role (project_admin, org_admin, lead or member)")
-        if role not in ADMIN_ROLES:
+        if not isinstance(role, str) or role not in ADMIN_ROLES:
             raise self.fail(f"{where}: role", f"unknown role {role!r} (use project_admin, org_admin, lead or member)")
         return Participant(name=name, type="admin", org=org, role=ADMIN_ROLES[role])
 

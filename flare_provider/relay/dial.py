@@ -48,7 +48,16 @@ class RelayEndpoint:
     @classmethod
     def from_dict(cls, doc: Any) -> "RelayEndpoint":
         """Raises KeyError, TypeError or ValueError (callers name the file or connection)."""
-        return cls(str(doc["name"]), str(doc["host"]), int(doc["port"]))
+        if not isinstance(doc, dict):
+            raise TypeError(f"a relay must be an object with name, host and port, found {type(doc).__name__}")
+        name, host, port = doc["name"], doc["host"], doc["port"]
+        for key, value in (("name", name), ("host", host)):
+            if not isinstance(value, str) or not value or not value.isprintable() or value != value.strip():
+                raise ValueError(f"relay {key} must be a non-empty name without spaces or control characters, "
+                                 f"found {value!r}")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"relay port must be a whole number from 1 to 65535, found {port!r}")
+        return cls(name, host, port)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ STATE_FILE = "state.json"
 COMMIT_FILE = "COMMIT"
 FINAL_FILE = "FINAL"
 FORMAT_VERSION = 1
+ROUND_FILES = (MODEL_FILE, SERVER_STATE_FILE, STATE_FILE)
 
 
 @dataclass(frozen=True)
@@ -71,13 +72,17 @@ def parse_commit(raw: bytes, where: str) -> tuple[dict[str, dict], str]:
         files = commit["files"]
         if commit.get("format") != FORMAT_VERSION:
             raise ValueError(f"unknown format {commit.get('format')!r}")
+        if not isinstance(files, dict):
+            raise ValueError("its file list is not a mapping")
         for name in (MODEL_FILE, STATE_FILE):
             if name not in files:
                 raise ValueError(f"{name} is not listed")
         for name, entry in files.items():
+            if name not in ROUND_FILES:  # a round holds these files only: no other path is ever read
+                raise ValueError(f"it lists {name!r}, which is no file of a round")
             if not (isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int)):
                 raise ValueError(f"entry {name!r} lacks sha256 or size")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise SnapshotCorrupted(f"{where}: {COMMIT_FILE} is damaged: {exc}") from None
     return files, str(commit.get("committed_at", ""))
 

@@ -226,8 +226,10 @@ class SnapshotStore:
                 self._check_unchanged(where, f"{folder}/{name}", name, files[name])
         try:
             state = json.loads(state_raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise SnapshotCorrupted(f"{where}: {STATE_FILE} is not JSON: {exc}") from None
+        if not isinstance(state, dict):  # commit_round writes a mapping, and readers take one
+            raise SnapshotCorrupted(f"{where}: {STATE_FILE} is not a JSON object")
         return Snapshot(federation, run, round_number, where, state, files, committed_at)
 
     def load_weights(self, snapshot: Snapshot) -> dict[str, np.ndarray]:
@@ -322,7 +324,7 @@ class SnapshotStore:
             marker = json.loads(raw)
             round_folder(marker["round"])
             return marker
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise SnapshotCorrupted(f"{self.backend.uri(key)} is damaged: {exc}") from None
 
     @contextmanager

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..provisioning.certs import Identity, describe_certificate
-from ..safezip import ZipMember, safe_members
+from ..safezip import ENTRY_READ_ERRORS, OPEN_ERRORS, ZipMember, safe_members
 
 MANIFEST_FILE = "MANIFEST.json"
 SIGNATURE_FILE = "SIGNATURE.json"
@@ -45,9 +45,10 @@ DEFAULT_MAX_BUNDLE_BYTES = 256 << 20
 
 _MANIFEST_FORMAT = "flare-app-bundle/1"
 _SIGNATURE_FORMAT = "flare-app-signature/1"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_VERSION_RE = re.compile(r"^[0-9a-f]{64}$")
-_DOTTED_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+# \Z, not $: "$" also matches before a final newline, which must not reach a folder or module name.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_VERSION_RE = re.compile(r"^[0-9a-f]{64}\Z")
+_DOTTED_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+\Z")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same folder zips to the same entries
 
 
@@ -76,7 +77,7 @@ class BundleManifest:
     @property
     def has_custom_code(self) -> bool:
         """Anything under ``custom/`` counts: that folder goes onto the worker's import path."""
-        return any(PurePosixPath(rel).parts[0] == CUSTOM_DIR for rel in self.files)
+        return any(PurePosixPath(rel).parts[:1] == (CUSTOM_DIR,) for rel in self.files)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,10 @@ def parse_app_config(text: str, source: str = APP_CONFIG) -> AppConfig:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
+        raise BundleError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise BundleError(f"{source}: not valid YAML: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
         raise BundleError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
         raise BundleError(f"{source}: expected a mapping with 'name' and 'trainer'")
@@ -159,7 +164,7 @@ def content_hash(files: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
 
 
-def _app_files(app_dir: Path) -> dict[str, Path]:
+def app_files(app_dir: Path) -> dict[str, Path]:
     """The files a bundle carries: everything but caches and hidden files; links refused."""
     found = {}
     for path in sorted(app_dir.rglob("*")):
@@ -187,7 +192,7 @@ def build_bundle(app_dir: Path, signer_cert_pem: bytes, signer_key_pem: bytes) -
         signer = Identity.from_pem(signer_cert_pem, signer_key_pem)
     except (ValueError, TypeError) as exc:
         raise BundleError(f"cannot sign the bundle: unusable signer certificate or key ({exc})") from None
-    paths = _app_files(app_dir)
+    paths = app_files(app_dir)
     contents = {rel: path.read_bytes() for rel, path in paths.items()}
     files = {rel: hashlib.sha256(data).hexdigest() for rel, data in contents.items()}
     trainer_is_custom(config, files)  # refuse a bundle no agent could run
@@ -224,7 +229,7 @@ def _parse_manifest(data: bytes, source: str) -> BundleManifest:
         if not isinstance(doc, dict) or doc.get("format") != _MANIFEST_FORMAT:
             raise ValueError("unknown format")
         name, version, files = doc["name"], doc["version"], doc["files"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise BundleError(f"{source}: {MANIFEST_FILE} is malformed ({exc})") from None
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise BundleError(f"{source}: {MANIFEST_FILE} has an invalid app name {name!r}")
@@ -240,7 +245,7 @@ def _parse_manifest(data: bytes, source: str) -> BundleManifest:
 def _open_zip(data: bytes | Path, source: str) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except OPEN_ERRORS as exc:
         raise BundleError(f"{source}: not an app bundle (not a readable zip: {exc})") from None
 
 
@@ -254,7 +259,7 @@ def _read_entry(zf: zipfile.ZipFile, name: str, source: str, limit: int = 16 << 
         raise BundleError(f"{source}: {name} is implausibly large")
     try:
         return zf.read(info)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except ENTRY_READ_ERRORS as exc:
         raise BundleError(f"{source}: {name} is damaged: {exc}") from None
 
 
@@ -301,7 +306,7 @@ def _sha256(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> str:
         with zf.open(info) as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except ENTRY_READ_ERRORS as exc:
         raise BundleError(f"{source}: entry {info.filename!r} is damaged: {exc}") from None
     return h.hexdigest()
 
@@ -328,7 +333,7 @@ def verify_bundle(
             raise ValueError("unknown format")
         signature = base64.b64decode(sig_doc["signature"], validate=True)
         signer_pem = sig_doc["signer_cert"]
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise BundleError(f"{source}: {SIGNATURE_FILE} is malformed ({exc})") from None
     cert = _check_signer(signer_pem, root_ca_pem, server_name_set(server_names), source)
     try:

@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENT_FILE = "deployment.json"
 _STAGING_PREFIX = ".staging-"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_VERSION_RE = re.compile(r"^[0-9a-f]{64}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: no final newline, as "$" would allow
+_VERSION_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from .task_folder import STAGING_PREFIX, TaskPaths, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-TASK_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+TASK_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")  # \Z: "$" would let a final newline into a folder name
 RESTARTED = "agent restarted during the task"
 
 
