@@ -14,11 +14,20 @@ Settings come from the environment of the Airflow components:
   (default ``digits``);
 - ``FLARE_SNAPSHOT_URI``: where rounds are committed, ``s3://bucket/prefix`` or
   ``file:///path`` (read by ``ScatterGatherOperator``; default
-  ``file://$AIRFLOW_HOME/flare-snapshots``).
+  ``file://$AIRFLOW_HOME/flare-snapshots``);
+- ``FLARE_TRAIN_CONFIG``: a JSON object, the round config every site's trainer gets on
+  top of its ``app.yaml`` (``{"lr": 0.2, "lr_schedule": "cosine"}``; default none);
+- ``FLARE_AGGREGATOR``: the aggregator the trigger form offers first (default ``fedavg``),
+  and ``FLARE_AGGREGATOR_ARGS``: a JSON object of its arguments
+  (``{"server_lr": 0.03, "beta1": 0.5}``; default none). The arguments fit that aggregator
+  only, so while they are set the form offers no other.
+
+``make demo`` sets the last three to the digits recipe it compares with each site alone.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +44,25 @@ REPO = Path(__file__).resolve().parent.parent
 APP_DIR = os.environ.get("FLARE_APP_DIR") or str(REPO / "examples" / "apps" / "digits")
 APP_NAME = os.environ.get("FLARE_APP_NAME") or "digits"
 
+
+def _json_object(name: str) -> dict[str, Any]:
+    """The JSON object in environment variable ``name`` ({} when unset)."""
+    raw = os.environ.get(name) or "{}"
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {raw!r}")
+    return value
+
+
+TRAIN_CONFIG = _json_object("FLARE_TRAIN_CONFIG")
+AGGREGATOR = os.environ.get("FLARE_AGGREGATOR") or "fedavg"
+AGGREGATOR_ARGS = _json_object("FLARE_AGGREGATOR_ARGS")
+if AGGREGATOR not in BUILTIN_AGGREGATORS:
+    raise ValueError(f"FLARE_AGGREGATOR must be one of {', '.join(BUILTIN_AGGREGATORS)}, got {AGGREGATOR!r}")
+
 # The trigger form validates these; the DAGs render templates as native objects, so
 # "{{ params.rounds }}" reaches the operator as an int and an empty min_clients as None.
 TRAINING_PARAMS = {
@@ -47,9 +75,9 @@ TRAINING_PARAMS = {
         description="Sites that must be up to start and that a round needs results from; empty: every site.",
     ),
     "aggregator": Param(
-        "fedavg",
+        AGGREGATOR,
         type="string",
-        enum=list(BUILTIN_AGGREGATORS),
+        enum=[AGGREGATOR] if AGGREGATOR_ARGS else list(BUILTIN_AGGREGATORS),
         title="Aggregator",
         description="How the sites' updates are combined into the global model.",
     ),
@@ -79,6 +107,8 @@ def training_tasks(**train_kwargs: Any) -> ScatterGatherOperator:
         num_rounds="{{ params.rounds }}",
         min_clients="{{ params.min_clients }}",
         aggregator="{{ params.aggregator }}",
+        aggregator_args=AGGREGATOR_ARGS,
+        train_config=TRAIN_CONFIG,
         evaluate=True,
         # A retry resumes after the last committed round and re-attaches to the sites'
         # tasks of a round in flight: nothing is trained twice.

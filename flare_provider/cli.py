@@ -6,6 +6,7 @@
     flare kit import-connection SERVER_KIT [--overwrite] [--root-fingerprint SHA256]
     flare status --kit KIT [--timeout SECONDS]
     flare relay start --kit DIR [--host H] [--port N] [--root-fingerprint SHA256]
+    flare simulate APP_DIR -w WORKSPACE -n SITES -r ROUNDS [--data DIR] [-t THREADS] [--gpus auto|none|0,1]
 """
 
 from __future__ import annotations
@@ -91,7 +92,13 @@ def cmd_unpack(args: argparse.Namespace) -> int:
         password = getpass.getpass(f"password for {package.name}: ")
     kit = unpack(package, args.dest, password)
     print(f"Unpacked {package} to {kit}")
-    return cmd_verify(argparse.Namespace(dir=str(kit), root_fingerprint=args.root_fingerprint))
+    verified = cmd_verify(argparse.Namespace(dir=str(kit), root_fingerprint=args.root_fingerprint))
+    if verified != 0:  # a kit that does not verify is not left where an agent could be started from it
+        import shutil
+
+        shutil.rmtree(kit, ignore_errors=True)
+        print(f"error: removed {kit}: the package does not verify", file=sys.stderr)
+    return verified
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -255,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--root-fingerprint", help="refuse a kit whose root CA has another SHA-256 fingerprint")
     rs.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     rs.set_defaults(func=cmd_relay_start)
+
+    from .simulator.command import add_parser as add_simulate_parser  # argparse only; the simulator loads when run
+
+    add_simulate_parser(sub)
     return parser
 
 

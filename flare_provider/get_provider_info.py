@@ -20,6 +20,8 @@ def get_provider_info() -> dict:
                     "flare_provider.operators.provision",
                     "flare_provider.operators.deploy",
                     "flare_provider.operators.scatter_gather",
+                    "flare_provider.operators.cyclic",
+                    "flare_provider.operators.cross_site_eval",
                 ],
             }
         ],

@@ -8,15 +8,17 @@
 3. imports the server kit as the ``flare_demo`` connection and triggers
    ``train_federation`` through Airflow's REST API;
 4. follows the run round by round (the global model of each committed round scored on a
-   held-out set no site has), then compares the final model with what each site reaches
-   training on its own data for as many rounds;
+   held-out set no site has), then compares the final model on that set with two
+   baselines, each one continuous run of as many epochs as a site trains in the
+   federation, with the same trainer settings: each site alone on its own data, and
+   one model on every site's data pooled (centralized);
 5. keeps everything running for you to explore until Ctrl-C, then stops every process it
    started.
 
 Environment:
 
 - ``FLARE_DEMO_EXIT=1``: exit right after the run instead of waiting for Ctrl-C (tests, CI);
-- ``FLARE_DEMO_ROUNDS``: rounds to train (default 5);
+- ``FLARE_DEMO_ROUNDS``: rounds to train (default 15);
 - ``FLARE_DEMO_WORK``: the work folder (default ``demo-work/`` in the repository); its
   previous content is removed at start;
 - ``FLARE_DEMO_PASSWORD``: the password of the UI user ``admin`` (default ``admin``).
@@ -24,6 +26,12 @@ Environment:
 The work folder holds the kits, ``airflow/`` (Airflow's home), ``logs/`` (one log per
 Airflow component), ``snapshots/`` (the models) and ``summary.json`` (the results, for
 machines).
+
+The recipe (``RECIPE``): 15 rounds of one local epoch each, SGD with momentum 0.9 from
+learning rate 0.2 down a cosine that spans the whole run (the round number in the round
+config says where a round is on it), and FedAdam on the server (server learning rate
+0.03, beta1 0.5) over the sample-weighted mean update. The baselines train with the same
+optimizer, learning rate, schedule and batch size.
 """
 
 from __future__ import annotations
@@ -51,6 +59,14 @@ DAG_ID = "train_federation"
 PROJECT = "demo"
 NUM_SITES = 3
 USER = "admin"
+# How the demo trains: the rounds, the sites' round config and the server optimizer. The
+# DAG reads the last three from the environment of Airflow (see dags/federation_tasks.py).
+RECIPE: dict[str, Any] = {
+    "rounds": 15,
+    "train_config": {"epochs": 1, "lr": 0.2, "momentum": 0.9, "lr_schedule": "cosine"},
+    "aggregator": "fedadam",
+    "aggregator_args": {"server_lr": 0.03, "beta1": 0.5},
+}
 
 MIGRATE_TIMEOUT = 300  # seconds for Airflow's database to be made
 START_TIMEOUT = 120  # for each Airflow component to report healthy
@@ -84,7 +100,7 @@ class Settings:
         self.exit_after_run = env.get("FLARE_DEMO_EXIT", "").lower() in ("1", "true", "yes")
         self.password = env.get("FLARE_DEMO_PASSWORD") or "admin"
         try:
-            self.rounds = int(env.get("FLARE_DEMO_ROUNDS") or 5)
+            self.rounds = int(env.get("FLARE_DEMO_ROUNDS") or RECIPE["rounds"])
         except ValueError:
             raise DemoError(f"FLARE_DEMO_ROUNDS must be a whole number, got {env['FLARE_DEMO_ROUNDS']!r}") from None
         if self.rounds < 1:
@@ -139,6 +155,9 @@ def airflow_settings(settings: Settings, port: int, conn_id: str) -> dict[str, s
         FLARE_APP_DIR=str(APP_DIR),
         FLARE_APP_NAME="digits",
         FLARE_SNAPSHOT_URI=settings.snapshot_uri,
+        FLARE_TRAIN_CONFIG=json.dumps(RECIPE["train_config"]),
+        FLARE_AGGREGATOR=RECIPE["aggregator"],
+        FLARE_AGGREGATOR_ARGS=json.dumps(RECIPE["aggregator_args"]),
         GRPC_VERBOSITY=os.environ.get("GRPC_VERBOSITY", "ERROR"),
         PYTHONUNBUFFERED="1",
     )
@@ -238,26 +257,39 @@ def follow_run(airflow: LocalAirflow, run_id: str, watcher: RoundWatcher) -> dic
                                     details=lambda: "see the UI")
 
 
-def local_only_accuracy(fed, rounds: int, holdout: Path) -> dict[str, float]:
-    """What each site reaches on the held-out set training alone, as many rounds."""
-    from site_agent.worker.baseline import evaluate_weights, train_local_only
+def baselines(fed, rounds: int, holdout: Path) -> dict[str, Any]:
+    """Each site alone and all sites pooled, each one continuous run of the epochs a site
+    trains in ``rounds`` rounds, scored on the held-out set."""
+    from site_agent.worker.baseline import epochs_per_round, evaluate_weights, train_centralized, train_local_only
 
+    config = RECIPE["train_config"]
+    epochs = rounds * epochs_per_round(APP_DIR, config)
+    runs = {site: train_local_only(APP_DIR, fed.data_dir(site), epochs, config) for site in fed.sites}
+    central = train_centralized(APP_DIR, [fed.data_dir(site) for site in fed.sites], epochs, config)
     return {
-        site: evaluate_weights(APP_DIR, train_local_only(APP_DIR, fed.data_dir(site), rounds), holdout)["accuracy"]
-        for site in fed.sites
+        "epochs": epochs,
+        "local_only_accuracy": {site: evaluate_weights(APP_DIR, run.weights, holdout)["accuracy"]
+                                for site, run in runs.items()},
+        "centralized_accuracy": evaluate_weights(APP_DIR, central.weights, holdout)["accuracy"],
+        "baseline_runs": {**{site: run.summary() for site, run in runs.items()}, "centralized": central.summary()},
     }
 
 
 def report(summary: dict[str, Any], settings: Settings) -> None:
     from flare_provider.snapshots.local import path_from_file_uri
 
-    rounds = summary["rounds"]
-    rows = {f"federated model ({summary['aggregator']}, {rounds} rounds)": summary["global_accuracy"]}
-    rows.update({f"{site} alone ({rounds} rounds)": acc for site, acc in summary["local_only_accuracy"].items()})
+    rounds, epochs = summary["rounds"], summary["epochs"]
+    aggregator = summary["aggregator"]
+    rows = {f"federated model ({aggregator}, {rounds} rounds)": summary["global_accuracy"]}
+    rows.update({f"{site} alone ({epochs} epochs)": acc for site, acc in summary["local_only_accuracy"].items()})
+    rows[f"centralized, all sites' data ({epochs} epochs)"] = summary["centralized_accuracy"]
     say()
     say(f"Accuracy on the held-out set ({summary['holdout_samples']} digits no site trained on):")
     for label, accuracy in rows.items():
-        say(f"  {label:<36} {accuracy:.3f}")
+        say(f"  {label:<44} {accuracy:.3f}")
+    say(f"The federated model reaches {summary['ratio_to_centralized']:.3f}x the centralized one's accuracy.")
+    say(f"Each baseline is one continuous run of {epochs} epochs with the sites' trainer settings "
+        f"({json.dumps(RECIPE['train_config'])}).")
     sites_eval = summary["evaluation"].get("sites", {})
     if sites_eval:
         own = ", ".join(f"{s} {r.get('metrics', {}).get('accuracy', float('nan')):.3f}"
@@ -280,10 +312,13 @@ def run_training(settings: Settings, fed: LocalFederation, airflow: LocalAirflow
     write_holdout(holdout / "test.npz")
     api = airflow.api
     api.unpause(DAG_ID)
-    run_id = api.trigger(DAG_ID, conf={"rounds": settings.rounds, "aggregator": "fedavg"})["dag_run_id"]
-    step(f"Triggered {DAG_ID} ({settings.rounds} rounds, FedAvg): run {run_id}")
+    aggregator = RECIPE["aggregator"]
+    run_id = api.trigger(DAG_ID, conf={"rounds": settings.rounds, "aggregator": aggregator})["dag_run_id"]
+    step(f"Triggered {DAG_ID} ({settings.rounds} rounds, {aggregator} {json.dumps(RECIPE['aggregator_args'])}, "
+         f"sites' round config {json.dumps(RECIPE['train_config'])}): run {run_id}")
 
-    summary: dict[str, Any] = {"dag_id": DAG_ID, "run_id": run_id, "rounds": settings.rounds, "aggregator": "fedavg",
+    summary: dict[str, Any] = {"dag_id": DAG_ID, "run_id": run_id, "rounds": settings.rounds, "aggregator": aggregator,
+                               "recipe": {**RECIPE, "rounds": settings.rounds},
                                "ui": api.base_url, "user": USER, "snapshot_uri": settings.snapshot_uri}
     watcher = RoundWatcher(settings, run_id, holdout)
     try:
@@ -297,7 +332,7 @@ def run_training(settings: Settings, fed: LocalFederation, airflow: LocalAirflow
         raise DemoError(f"run {run_id} failed:\n{summary['error']}")
 
     result = api.xcom(DAG_ID, run_id, "train")
-    step("Training every site alone for comparison ...")
+    step("Training the baselines: every site alone, and all sites' data pooled ...")
     import numpy as np
 
     with np.load(holdout / "test.npz") as data:
@@ -307,8 +342,9 @@ def run_training(settings: Settings, fed: LocalFederation, airflow: LocalAirflow
         evaluation=result.get("evaluation", {}),
         global_accuracy=watcher.seen[-1]["holdout_accuracy"],
         holdout_samples=holdout_samples,
-        local_only_accuracy=local_only_accuracy(fed, settings.rounds, holdout),
+        **baselines(fed, settings.rounds, holdout),
     )
+    summary["ratio_to_centralized"] = summary["global_accuracy"] / summary["centralized_accuracy"]
     write_json(settings.work / "summary.json", summary)
     return summary
 

@@ -17,13 +17,14 @@ import yaml
 from flare_provider.provisioning.kits import LOCAL, SITE_SETTINGS
 
 from .errors import SettingsError
+from .privacy import PrivacyConfigError, PrivacyPolicy, parse_policy
 
 _REQUIRED = ("data_dir", "work_dir")
 _KNOWN = {"data_dir", "work_dir", "gpus", "allow_custom_code", "max_concurrent_cpu_tasks", "preload_modules", "connect",
-          "proxy", "relay_data"}
+          "proxy", "relay_data", "privacy", "share_local_model"}
 CONNECT_MODES = ("outbound", "listen")
 RELAY_DATA_MODES = ("plain", "tls")
-_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")  # \Z: no final newline
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class SiteSettings:
     # plain: a path's data connection is TCP carrying only the end-to-end TLS session (fastest);
     # tls: wrapped in TLS to the relay as well, for proxies that let nothing else through
     relay_data: str = "plain"
+    # the filters every result goes through before it leaves the site (docs/privacy.md)
+    privacy: PrivacyPolicy = PrivacyPolicy()
+    # whether the server may keep this site's last local model and send it to the other
+    # sites for cross-site evaluation (docs/cross_site_eval.md); off by default
+    share_local_model: bool = False
 
 
 def site_settings_path(kit_dir: Path) -> Path:
@@ -65,6 +71,10 @@ def load_site_settings(kit_dir: Path) -> SiteSettings:
         raise SettingsError(f"{path}: cannot read site settings: {exc}") from None
     except yaml.YAMLError as exc:
         raise SettingsError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise SettingsError(f"{path}: not valid YAML: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise SettingsError(f"{path}: not valid YAML: {exc}") from None
     return parse_site_settings(doc, kit_dir, source=str(path))
 
 
@@ -72,7 +82,7 @@ def parse_site_settings(doc: Any, base_dir: Path, source: str = "site.yaml") -> 
     """Validate a parsed ``site.yaml`` document; see :func:`load_site_settings`."""
     if not isinstance(doc, dict):
         raise SettingsError(f"{source}: expected a mapping of settings, found {type(doc).__name__}")
-    unknown = sorted(set(doc) - _KNOWN)
+    unknown = sorted(set(doc) - _KNOWN, key=repr)  # keys may be numbers or null as well
     if unknown:
         raise SettingsError(f"{source}: unknown setting(s) {unknown}; known settings are {sorted(_KNOWN)}")
     for name in _REQUIRED:
@@ -88,14 +98,19 @@ def parse_site_settings(doc: Any, base_dir: Path, source: str = "site.yaml") -> 
         connect=_choice(doc.get("connect"), CONNECT_MODES, "connect", source) if doc.get("connect") is not None else None,
         proxy=_proxy(doc.get("proxy"), source),
         relay_data=_choice(doc.get("relay_data", "plain"), RELAY_DATA_MODES, "relay_data", source),
+        privacy=_privacy(doc.get("privacy"), source),
+        share_local_model=_bool(doc.get("share_local_model", False), "share_local_model", source),
     )
 
 
 def _path(value: Any, base_dir: Path, field: str, source: str) -> Path:
-    if not isinstance(value, str):
+    if not isinstance(value, str) or "\x00" in value:
         raise SettingsError(f"{source}: '{field}' must be a folder path, found {value!r}")
-    path = Path(value).expanduser()
-    return (path if path.is_absolute() else Path(base_dir) / path).resolve()
+    try:
+        path = Path(value).expanduser()
+        return (path if path.is_absolute() else Path(base_dir) / path).resolve()
+    except (OSError, RuntimeError) as exc:  # a name too long, a loop of links
+        raise SettingsError(f"{source}: '{field}' is not a usable folder path: {exc}") from None
 
 
 def _gpus(value: Any, source: str) -> tuple[int, ...]:
@@ -136,6 +151,13 @@ def _proxy(value: Any, source: str) -> str | None:
     except ValueError as exc:
         raise SettingsError(f"{source}: 'proxy': {exc}") from None
     return value
+
+
+def _privacy(value: Any, source: str) -> PrivacyPolicy:
+    try:
+        return parse_policy(value, f"{source}: privacy")
+    except PrivacyConfigError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def _bool(value: Any, field: str, source: str) -> bool:

@@ -47,6 +47,9 @@ class TaskContext:
     app_dir: Path  # the app's files (app.yaml, custom/)
     device: str  # "cuda:0" when GPUs are assigned and CUDA works, else "cpu"
     gpus: tuple[int, ...] = ()  # physical GPU ids assigned; visible to the process as cuda:0..n-1
+    # this site's folder for the run (and app): kept across rounds and agent restarts; None
+    # when the server names no run. Created by whoever writes to it first.
+    state_dir: Path | None = None
     _reporter: Callable[[float, dict[str, float]], None] | None = field(default=None, repr=False)
 
     def report(self, progress: float, **metrics: float) -> None:

@@ -104,6 +104,11 @@ class Aggregator(ABC):
         """Extra round configuration sent to the trainers (for example FedProx's ``fedprox_mu``)."""
         return {}
 
+    def outgoing_tensors(self) -> dict[str, np.ndarray]:
+        """Tensors sent to the sites with this round's global model, under reserved names
+        (SCAFFOLD's server control variate); asked for after ``begin_round``."""
+        return {}
+
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Server-side state to snapshot: tensors (safetensors) and meta (JSON)."""
         return {}, {"algorithm": self.name, "parameters": self.parameters()}

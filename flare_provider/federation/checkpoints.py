@@ -21,6 +21,7 @@ from ..wire.tensors import load_file
 from .communicator import SiteCommunicator, TaskOrder
 from .errors import RoundFailed
 from .records import RoundRecord, RunSpec
+from .selection import best_round_of
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,18 @@ class RunCheckpoints:
     def commit(
         self,
         number: int,
-        weights: Mapping[str, np.ndarray],
+        weights: Mapping[str, np.ndarray] | Path,
         history: list[RoundRecord],
         task_ids: Mapping[str, str],
         aggregator_state: tuple[Mapping[str, np.ndarray], Mapping[str, Any]],
+        workflow_state: Mapping[str, Any] | None = None,
     ) -> str:
-        """Commit round ``number`` with the run's full state; returns its snapshot URI."""
+        """Commit round ``number`` with the run's full state; returns its snapshot URI.
+
+        ``weights`` may also be a safetensors file (committed without loading it);
+        ``workflow_state`` is what the workflow itself must find again on resume (the best
+        round so far, a cyclic run's plan).
+        """
         tensors, meta = aggregator_state
         spec = self.spec
         state = {
@@ -73,6 +80,7 @@ class RunCheckpoints:
             "config_hash": spec.config_hash,
             "task_ids": dict(task_ids),
             "history": [record.to_dict() for record in history],
+            **dict(workflow_state or {}),
             **self.extra_state,
         }
         return self.store.commit_round(spec.federation, spec.run_id, number, weights, state, state_tensors=tensors)
@@ -81,14 +89,29 @@ class RunCheckpoints:
         """Mark ``round_number`` as this run's final model (what warm starts pick up)."""
         return self.store.mark_final(self.spec.federation, self.spec.run_id, round_number)
 
-    def initial_weights(self, source: str | None, sites: SiteCommunicator) -> dict[str, np.ndarray]:
-        """The model of round 0: a file or URI, ``"previous"`` (warm start), or None (a site builds it)."""
+    def round_uri(self, number: int) -> str:
+        """The URI of this run's committed round ``number`` (checked, not downloaded)."""
+        return self.store.get_round(self.spec.federation, self.spec.run_id, number).uri
+
+    def initial_weights(self, source: str | None, sites: SiteCommunicator, warm_start: str = "last") -> dict[str, np.ndarray]:
+        """The model of round 0: a file or URI, ``"previous"`` (warm start), or None (a site builds it).
+
+        A warm start takes the latest finished run's last round, or with ``warm_start="best"``
+        the best round that run kept (its last round where it kept none).
+        """
         if source == "previous":
             final = self.store.find_final(self.spec.federation)
             if final is None:
                 self.log.info("No earlier finished run of %s to warm-start from; initialising from the app", self.spec.federation)
                 return self._weights_from_site(sites)
-            self.log.info("Warm start from the final model of run %s (round %d, %s)", final.run, final.round, final.uri)
+            which = "final"
+            if warm_start == "best":
+                best = best_round_of(final.state)
+                if best is None:
+                    self.log.warning("Run %s kept no best round (it had no best_metric); warm start from its last round", final.run)
+                else:
+                    final, which = self.store.get_round(self.spec.federation, final.run, best), "best"
+            self.log.info("Warm start from the %s model of run %s (round %d, %s)", which, final.run, final.round, final.uri)
             return self.store.load_weights(final)
         if source:
             return self.store.load_initial_weights(source)

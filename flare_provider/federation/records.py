@@ -49,9 +49,18 @@ class RunSpec:
     snapshot_every: int = 1
     connect_grace: float = 10.0
     status_poll_interval: float = 2.0
+    # central differential privacy of the aggregate (docs/privacy.md); empty: none
+    central_dp: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = []
+        if self.central_dp:
+            from ..privacy.central import CentralDPSettings
+
+            try:
+                CentralDPSettings.from_dict(self.central_dp)
+            except ValueError as exc:
+                problems.append(str(exc))
         if self.num_rounds < 1:
             problems.append(f"num_rounds must be at least 1, got {self.num_rounds}")
         if not self.sites:
@@ -73,6 +82,8 @@ class RunSpec:
     def config_hash(self) -> str:
         doc = {k: v for k, v in asdict(self).items() if k not in _OPERATIONAL}
         doc["round_configs"] = {str(k): v for k, v in self.round_configs.items()}
+        if not self.central_dp:  # runs without it keep the hash they had before it existed
+            doc.pop("central_dp")
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property
@@ -171,6 +182,8 @@ class SiteRound:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     reattached: bool = False
+    # the privacy filters the site applied to its update, as its result file records them
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, doc: Any) -> "SiteRound":
@@ -183,6 +196,7 @@ class SiteRound:
             metrics=numbers(doc.get("metrics")),
             error=str(doc["error"]) if doc.get("error") else None,
             reattached=bool(doc.get("reattached")),
+            privacy=dict(doc["privacy"]) if isinstance(doc.get("privacy"), Mapping) else {},
         )
 
 
@@ -202,6 +216,11 @@ class RoundRecord:
     num_samples: int | None
     sites: dict[str, SiteRound]
     metrics: dict[str, float]
+    # The sites' evaluation of the round's global model (sample-weighted), where the run
+    # keeps its best round; ``metrics`` are what the sites reported from training.
+    evaluation: dict[str, float] = field(default_factory=dict)
+    # central differential privacy of the round (clip, noise, epsilon spent so far); empty: none
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -221,6 +240,8 @@ class RoundRecord:
             num_samples=_integer(doc.get("num_samples")),
             sites={str(s): SiteRound.from_dict(info) for s, info in sites.items()},
             metrics=numbers(doc.get("metrics")),
+            evaluation=numbers(doc.get("evaluation")),
+            privacy=dict(doc["privacy"]) if isinstance(doc.get("privacy"), Mapping) else {},
         )
 
     def site_names(self) -> set[str]:

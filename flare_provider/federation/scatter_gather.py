@@ -15,24 +15,30 @@ from the newest committed round, with the aggregator's own state restored from i
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
 import time
+from collections import ChainMap
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..aggregation import UpdateRejected, make_aggregator
+from ..aggregation.central_dp import CentralDP, with_central_dp
 from ..client import AgentClient, CallerKit
 from ..snapshots import SnapshotStore
 from ..wire.task_state import TaskState
-from ..wire.tensors import RESULT_KIND_KEY, TensorFile, TensorFormatError, describe_file, save_file
+from ..wire.tensors import RESULT_KIND_KEY, RESULT_PRIVACY_KEY, TensorFile, TensorFormatError, describe_file, save_file
 from .checkpoints import RunCheckpoints
-from .communicator import SiteCommunicator, TaskOrder, for_each_site
+from .communicator import SiteCommunicator, TaskOrder
+from .cross_site import SharedLocalModels
 from .errors import RoundFailed
+from .evaluation import evaluate_at_sites
 from .gather import GatherRule
 from .records import InFlight, Progress, RoundRecord, RunSpec, SiteRound, read_history, weighted_metrics
+from .selection import BestRound, SelectionRule
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,10 @@ class ScatterGatherRun:
         the latest finished run of the same federation), or None to have the first
         reachable site initialise the model from the app (the app's seed makes it
         reproducible).
+    :param warm_start: with ``initial_model="previous"``, ``"last"`` or ``"best"``: which
+        round of the earlier run to start from.
+    :param selection: how rounds are scored to keep the best one and stop early (see
+        :class:`~flare_provider.federation.selection.SelectionRule`); default: neither.
     """
 
     def __init__(
@@ -62,6 +72,8 @@ class ScatterGatherRun:
         client_factory: Callable[[str], AgentClient] | None = None,
         logger: logging.Logger | None = None,
         extra_state: Mapping[str, Any] | None = None,
+        warm_start: str = "last",
+        selection: SelectionRule | None = None,
     ):
         unknown = [s for s in spec.sites if s not in kit.sites]
         if unknown:
@@ -69,6 +81,9 @@ class ScatterGatherRun:
         self.spec = spec
         self.store = store
         self.initial_model = initial_model
+        self.warm_start = warm_start
+        self.selection = selection or SelectionRule()
+        self.best = BestRound.start(self.selection)
         self.log = logger or log
         self._work = Path(tempfile.mkdtemp(prefix="flare-run-"))
         self.checkpoints = RunCheckpoints(spec, store, extra_state, self.log)
@@ -76,6 +91,11 @@ class ScatterGatherRun:
             kit, self._work, connect_grace=spec.connect_grace, client_factory=client_factory, logger=self.log
         )
         self.aggregator = make_aggregator(spec.aggregator, spill_dir=self._work / "spill", **spec.aggregator_args)
+        self.aggregator = with_central_dp(self.aggregator, spec.central_dp, spill_dir=self._work / "spill")
+        # (round, site) -> the privacy filters the site's result says it went through
+        self._site_privacy: dict[tuple[int, str], dict[str, Any]] = {}
+        # the last round's local models of the sites that allow sharing them (cross-site evaluation)
+        self.local_models = SharedLocalModels(store, spec.federation, spec.run_id, self._work, self.log)
         self.in_flight: InFlight | None = None
 
     def close(self) -> None:
@@ -98,8 +118,8 @@ class ScatterGatherRun:
         return progress
 
     def run_rounds(self, progress: Progress) -> Progress:
-        """Rounds after ``progress`` until ``num_rounds``, waiting in this process."""
-        while progress.round < self.spec.num_rounds:
+        """Rounds after ``progress`` until ``num_rounds`` (or an early stop), waiting in this process."""
+        while not self.finished(progress):
             flight = self.scatter(progress)
             progress = self.finish_round(progress, flight, self.gather(flight))
         return progress
@@ -109,13 +129,14 @@ class ScatterGatherRun:
         spec = self.spec
         restored = self.checkpoints.latest()
         if restored is None:
-            weights = self.checkpoints.initial_weights(self.initial_model, self.sites)
+            weights = self.checkpoints.initial_weights(self.initial_model, self.sites, self.warm_start)
             # Round 0 is the initial model, committed: a retry, or a deferrable run coming back
             # from the triggerer, starts from these very weights instead of asking for new ones.
             uri = self.checkpoints.commit(0, weights, [], {}, self.aggregator.state())
             self.log.info("Starting %s run %s at round 1 (model of %d tensors)", spec.federation, spec.run_id, len(weights))
             return Progress(0, weights, [], uri)
         snapshot, weights = restored
+        self.best = BestRound.from_state(self.selection, snapshot.state.get("best"))
         self.aggregator.load_state(self.store.load_server_state(snapshot), snapshot.state.get("aggregator", {}).get("meta", {}))
         self.log.info("Resuming %s run %s after committed round %d (%s)", spec.federation, spec.run_id, snapshot.round, snapshot.uri)
         return Progress(snapshot.round, weights, read_history(snapshot.state.get("history")), snapshot.uri)
@@ -123,6 +144,17 @@ class ScatterGatherRun:
     def finalize(self, progress: Progress) -> str:
         """Mark the last round as this run's final model (what warm starts pick up)."""
         return self.checkpoints.finalize(progress.round)
+
+    def finished(self, progress: Progress) -> bool:
+        """All rounds done, or stopped early for want of improvement."""
+        return progress.round >= self.spec.num_rounds or self.best.stopped_early
+
+    def best_model(self) -> Progress | None:
+        """The best round kept so far with its model (read back from its commit), or None."""
+        if self.best.round is None:
+            return None
+        snapshot = self.store.get_round(self.spec.federation, self.spec.run_id, self.best.round)
+        return Progress(snapshot.round, self.store.load_weights(snapshot), read_history(snapshot.state.get("history")), snapshot.uri)
 
     # ---- a round ----------------------------------------------------------------------
 
@@ -132,11 +164,14 @@ class ScatterGatherRun:
         number = progress.round + 1
         weights_file = self._spool(progress, number)
         self.aggregator.begin_round(progress.weights, number, spec.sites)
+        send_file = self._with_outgoing(progress, weights_file)
+        # run_key names the run at the sites: where a trainer keeps its state across rounds.
+        extra_config = {**self.aggregator.trainer_config(), "run_key": spec.run_key}
         order = TaskOrder(
             spec.app_name,
-            weights_file,
+            send_file,
             "train",
-            spec.trainer_config(number, self.aggregator.trainer_config()),
+            spec.trainer_config(number, extra_config),
             spec.app_version,
             spec.num_gpus,
         )
@@ -144,6 +179,7 @@ class ScatterGatherRun:
         flight = InFlight(number, {s: spec.task_id(number, s) for s in spec.sites}, now, now + spec.train_timeout)
         self.sites.send(flight, dict.fromkeys(spec.sites, order), lambda site, n: spec.task_id(number, site, f"retrain{n}"))
         weights_file.unlink(missing_ok=True)  # progress.weights keeps it open: readable until dropped
+        send_file.unlink(missing_ok=True)
         reached = len(flight.active_tasks)
         if reached < spec.min_clients:
             self.sites.abort(flight)
@@ -168,6 +204,16 @@ class ScatterGatherRun:
         progress.weights = TensorFile(path)
         return path
 
+    def _with_outgoing(self, progress: Progress, weights_file: Path) -> Path:
+        """The file the sites get: the global model, plus the aggregator's tensors for the
+        sites (SCAFFOLD's control variate) in a second file when it has any."""
+        extra = self.aggregator.outgoing_tensors()
+        if not extra:
+            return weights_file
+        path = weights_file.with_name(f"send-{weights_file.name}")
+        save_file(ChainMap(extra, progress.weights), path, durable=False)  # read tensor by tensor
+        return path
+
     def rule(self, flight: InFlight) -> GatherRule:
         """When the round stops waiting (the trigger gets the same rule)."""
         return GatherRule(self.spec.min_clients, self.spec.wait_time_after_min_received, flight.deadline)
@@ -179,12 +225,18 @@ class ScatterGatherRun:
     def _add_update(self, site: str, state: TaskState, path: Path) -> str | None:
         """Fold one site's result into the aggregate; why it was rejected, or None."""
         try:
-            # The result file says whether it holds full weights or a difference.
-            kind = _UPDATE_KIND.get(describe_file(path)[1].get(RESULT_KIND_KEY, "weights"), "unknown")
+            # The result file says whether it holds full weights or a difference, and which
+            # privacy filters the site applied to it.
+            metadata = describe_file(path)[1]
+            kind = _UPDATE_KIND.get(metadata.get(RESULT_KIND_KEY, "weights"), "unknown")
+            self._site_privacy[(state.round, site)] = _privacy_record(metadata)
+            if state.round >= self.spec.num_rounds or self.selection.early_stop_rounds is not None:  # maybe the last round
+                self.local_models.keep(site, path, metadata)
             # The file is ours to give: an update that waits for its turn is moved, not copied.
             self.aggregator.add(site, path, state.num_samples, kind, move=True)
             return None
         except (UpdateRejected, TensorFormatError) as exc:
+            self.local_models.discard(site)
             return f"update rejected: {exc}"
 
     def resume_round(self, flight: InFlight, event: Mapping[str, Any]) -> Progress:
@@ -221,10 +273,22 @@ class ScatterGatherRun:
             )
         weights = self.aggregator.finish()
         record = self._record(flight, states, accepted)
+        for site, report in record.sites.items():
+            report.privacy = self._site_privacy.pop((flight.round, site), {})
+        if isinstance(self.aggregator, CentralDP):
+            record.privacy = dict(self.aggregator.round_privacy)
+        improved = self._score(record, weights)
+        # The run's last round: the local models the sites allowed to share go to the store before the commit.
+        if flight.round >= self.spec.num_rounds or self.best.stopped_early:
+            self.local_models.publish(flight.round, accepted, progress.weights)
+        else:
+            self.local_models.clear()
         history = [*progress.history, record]
         uri = progress.snapshot_uri
-        if flight.round % self.spec.snapshot_every == 0 or flight.round == self.spec.num_rounds:
-            uri = self.checkpoints.commit(flight.round, weights, history, flight.task_ids, self.aggregator.state())
+        # A new best round is committed whatever snapshot_every says: "best" names a commit.
+        if flight.round % self.spec.snapshot_every == 0 or flight.round == self.spec.num_rounds or improved or self.best.stopped_early:
+            best = {"best": self.best.to_dict()} if self.selection.enabled else None
+            uri = self.checkpoints.commit(flight.round, weights, history, flight.task_ids, self.aggregator.state(), best)
         # Only now may the sites forget their results: the round is safe in the store.
         self.sites.acknowledge(flight, states)
         self.in_flight = None
@@ -239,6 +303,30 @@ class ScatterGatherRun:
             metrics,
         )
         return Progress(flight.round, weights, history, uri)
+
+    def _score(self, record: RoundRecord, weights: Mapping[str, Any]) -> bool:
+        """Have the sites evaluate the round's global model; True when it is the best round so far."""
+        if not self.selection.enabled or record.round is None:
+            return False
+        number = record.round
+        path = self._work / f"scored-{number:04d}.safetensors"
+        save_file(weights, path, durable=False)
+        try:
+            evaluation = evaluate_at_sites(self.sites, self.spec, path, number, self.spec.trainer_config(number, {}), self.log)
+        finally:
+            path.unlink(missing_ok=True)
+        record.evaluation = evaluation["global"]
+        improved = self.best.observe(self.selection, number, record.evaluation)
+        metric, best = self.selection.metric, self.best
+        score = record.evaluation.get(metric or "")
+        self.log.info(
+            "Round %d: global model %s=%s; best round %s (%s=%s)%s",
+            number, metric, "not evaluated" if score is None else f"{score:.4f}", best.round, metric,
+            "none" if best.value is None else f"{best.value:.4f}",
+            f", stopping early: {best.rounds_without_improvement} rounds without improvement" if best.stopped_early
+            else f", {best.rounds_without_improvement} rounds without improvement" if not improved else "",
+        )
+        return improved
 
     @staticmethod
     def _record(flight: InFlight, states: Mapping[str, TaskState], accepted: Mapping[str, int]) -> RoundRecord:
@@ -273,30 +361,23 @@ class ScatterGatherRun:
     # ---- after the last round -----------------------------------------------------------
 
     def evaluate(self, progress: Progress) -> dict[str, Any]:
-        """Every site evaluates the final global model on its own data."""
+        """Every site evaluates the global model of ``progress`` on its own data."""
         weights_file = self._work / "final.safetensors"
         save_file(progress.weights, weights_file)
-        order = TaskOrder(
-            self.spec.app_name, weights_file, "evaluate", self.spec.trainer_config(progress.round, {}), self.spec.app_version
-        )
+        try:
+            return evaluate_at_sites(
+                self.sites, self.spec, weights_file, progress.round, self.spec.trainer_config(progress.round, {}), self.log
+            )
+        finally:
+            weights_file.unlink(missing_ok=True)
 
-        def one(site: str) -> SiteRound:
-            task_id = self.spec.task_id(progress.round, site, "evaluate")
-            state = self.sites.run_to_end(site, task_id, order, self.spec.train_timeout)
-            if state.result_available:
-                self.sites.client(site).acknowledge(task_id)
-            return SiteRound(state.status, task_id, state.num_samples, dict(state.metrics))
 
-        per_site: dict[str, dict[str, Any]] = {}
-        reported: dict[str, SiteRound] = {}
-        for site, outcome in for_each_site(one, self.spec.sites).items():
-            if isinstance(outcome, BaseException):
-                self.log.warning("Final evaluation on site %s failed: %s", site, outcome)
-                per_site[site] = {"error": str(outcome)}
-            else:
-                reported[site] = outcome
-                per_site[site] = {"num_samples": outcome.num_samples, "metrics": outcome.metrics}
-        return {"sites": per_site, "global": weighted_metrics(reported)}
+def _privacy_record(metadata: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        record = json.loads(metadata.get(RESULT_PRIVACY_KEY) or "{}")
+    except ValueError:
+        return {"unreadable": True}
+    return record if isinstance(record, dict) else {"unreadable": True}
 
 
 def _reasons(flight: InFlight) -> str:

@@ -10,6 +10,8 @@ _OPERATORS = {
     "ProvisionOperator": "flare_provider.operators.provision",
     "DeployAppOperator": "flare_provider.operators.deploy",
     "ScatterGatherOperator": "flare_provider.operators.scatter_gather",
+    "CyclicOperator": "flare_provider.operators.cyclic",
+    "CrossSiteEvalOperator": "flare_provider.operators.cross_site_eval",
 }
 
 

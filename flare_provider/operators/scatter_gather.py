@@ -15,6 +15,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from flare_provider.aggregation.names import BUILTIN_AGGREGATORS
+from flare_provider.federation.selection import CHOICES, MODES
 from flare_provider.hooks.snapshots import SNAPSHOT_SCHEMES
 
 if TYPE_CHECKING:
@@ -22,8 +23,47 @@ if TYPE_CHECKING:
     from flare_provider.federation.scatter_gather import ScatterGatherRun
 
 
-def _is_template(value: Any) -> bool:
+def rendered_mapping(value: Any, name: str) -> dict[str, Any]:
+    """A JSON-object field after rendering: a mapping, or a template that rendered to JSON text."""
+    import json
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError as exc:
+            raise ValueError(f"{name} rendered to {value[:200]!r}, which is not a JSON object: {exc}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a mapping (a JSON object), got {type(value).__name__}")
+    return dict(value)
+
+
+def is_template(value: Any) -> bool:
     return isinstance(value, str) and "{{" in value
+
+
+def selection_problems(op: Any) -> list[str]:
+    """What is wrong with an operator's best-model and warm-start arguments (those it has)."""
+    problems = []
+    best_metric = getattr(op, "best_metric", None)
+    early_stop = getattr(op, "early_stop_rounds", None)
+    if best_metric is not None and not is_template(best_metric) and (not isinstance(best_metric, str) or not best_metric):
+        problems.append(f"best_metric must be a metric name, got {best_metric!r}")
+    if getattr(op, "best_mode", "max") not in MODES:
+        problems.append(f"best_mode must be one of {', '.join(MODES)}, got {op.best_mode!r}")
+    if early_stop is not None and not is_template(early_stop):
+        if isinstance(early_stop, bool) or not isinstance(early_stop, int) or early_stop < 1:
+            problems.append(f"early_stop_rounds must be a positive integer, got {early_stop!r}")
+        elif not best_metric:
+            problems.append("early_stop_rounds needs best_metric: rounds are judged by it")
+    for name in ("warm_start", "output_model"):
+        if getattr(op, name, "last") not in CHOICES:
+            problems.append(f"{name} must be one of {', '.join(CHOICES)}, got {getattr(op, name)!r}")
+    if getattr(op, "output_model", "last") == "best" and not best_metric:
+        problems.append("output_model='best' needs best_metric: without it no round is scored")
+    initial = getattr(op, "initial_model", None)
+    if getattr(op, "warm_start", "last") == "best" and not is_template(initial) and initial != "previous":
+        problems.append(f"warm_start='best' applies to initial_model='previous' only, got initial_model={initial!r}")
+    return problems
 
 
 class ScatterGatherOperator(BaseOperator):
@@ -38,6 +78,10 @@ class ScatterGatherOperator(BaseOperator):
     :param train_timeout: seconds a round may wait at most; late sites are dropped.
     :param aggregator: ``fedavg``, ``fedprox``, ``fedadam``, ``fedyogi``, ``fedadagrad``,
         ``median``, ``trimmed_mean`` or a class path; ``aggregator_args`` its parameters.
+    :param central_dp: central differential privacy of the aggregate (a mean-based
+        aggregator): ``{"clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}``, optionally
+        ``"adaptive": {"target_quantile", "learning_rate", "count_noise_std"}``; each round
+        records the epsilon spent (see ``docs/privacy.md``; needs the ``privacy`` extra).
     :param initial_model: a safetensors file or ``s3://`` / ``file://`` URI; ``"previous"``
         for the final model of the latest finished run of this federation (warm start);
         None to let a site build the app's initial model.
@@ -57,8 +101,19 @@ class ScatterGatherOperator(BaseOperator):
     :param connect_grace: seconds a site may be unreachable when a round's task is sent to
         it (an agent restarting, a network blip) before it is dropped from that round.
     :param flare_conn_id: the federation's ``flare`` connection (the server kit).
+    :param best_metric: keep the round whose global model scores best on this metric of
+        the sites' evaluation (``accuracy``, ``loss`` for the built-in trainer; weighted by
+        the sites' sample counts): after each round every site evaluates the new global
+        model. None (the default) evaluates only after the last round and keeps no best.
+    :param best_mode: ``"max"`` (higher is better) or ``"min"``.
+    :param early_stop_rounds: stop after this many rounds in a row without a new best.
+    :param warm_start: with ``initial_model="previous"``: start from the earlier run's
+        ``"last"`` round or its ``"best"`` one.
+    :param output_model: ``"last"`` or ``"best"``: the model ``model_uri`` names and the
+        final evaluation scores (both are returned under ``last`` and ``best``).
 
-    Returns (to XCom): the snapshot URI, rounds done and the final metrics. Never weights.
+    Returns (to XCom): the snapshot URI, rounds done and the final metrics, the last and
+    the best round. Never weights.
     """
 
     template_fields: Sequence[str] = (
@@ -76,6 +131,8 @@ class ScatterGatherOperator(BaseOperator):
         "train_config",
         "round_configs",
         "num_gpus",
+        "best_metric",
+        "early_stop_rounds",
     )
     template_fields_renderers = {"train_config": "json", "aggregator_args": "json", "round_configs": "json"}
     ui_color = "#cfe8ff"
@@ -91,6 +148,7 @@ class ScatterGatherOperator(BaseOperator):
         train_timeout: float | str = 3600.0,
         aggregator: str = "fedavg",
         aggregator_args: Mapping[str, Any] | None = None,
+        central_dp: Mapping[str, Any] | None = None,
         initial_model: str | None = None,
         snapshot_uri: str | None = None,
         aws_conn_id: str | None = None,
@@ -104,6 +162,11 @@ class ScatterGatherOperator(BaseOperator):
         poll_interval: float = 2.0,
         connect_grace: float = 10.0,
         flare_conn_id: str = "flare_default",
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        early_stop_rounds: int | str | None = None,
+        warm_start: str = "last",
+        output_model: str = "last",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -114,13 +177,15 @@ class ScatterGatherOperator(BaseOperator):
         self.wait_time_after_min_received = wait_time_after_min_received
         self.train_timeout = train_timeout
         self.aggregator = aggregator
-        self.aggregator_args = dict(aggregator_args or {})
+        # JSON fields given as a template stay text until rendered (see rendered_mapping)
+        self.aggregator_args = aggregator_args if is_template(aggregator_args) else dict(aggregator_args or {})
+        self.central_dp = dict(central_dp or {})
         self.initial_model = initial_model
         self.snapshot_uri = snapshot_uri
         self.aws_conn_id = aws_conn_id
         self.federation = federation
-        self.train_config = dict(train_config or {})
-        self.round_configs = dict(round_configs or {})
+        self.train_config = train_config if is_template(train_config) else dict(train_config or {})
+        self.round_configs = round_configs if is_template(round_configs) else dict(round_configs or {})
         self.num_gpus = num_gpus
         self.snapshot_every = snapshot_every
         self.evaluate = evaluate
@@ -128,6 +193,11 @@ class ScatterGatherOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.connect_grace = connect_grace
         self.flare_conn_id = flare_conn_id
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.early_stop_rounds = early_stop_rounds
+        self.warm_start = warm_start
+        self.output_model = output_model
         self._run: ScatterGatherRun | None = None
         self._check_arguments()
 
@@ -136,15 +206,15 @@ class ScatterGatherOperator(BaseOperator):
         problems = []
         for name in ("num_rounds", "min_clients"):
             value = getattr(self, name)
-            if value is not None and not _is_template(value) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and not is_template(value) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 problems.append(f"{name} must be a positive integer, got {value!r}")
         for name in ("wait_time_after_min_received", "train_timeout"):
             value = getattr(self, name)
-            if not _is_template(value) and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            if not is_template(value) and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 problems.append(f"{name} must be a non-negative number of seconds, got {value!r}")
         if (
             isinstance(self.aggregator, str)
-            and not _is_template(self.aggregator)
+            and not is_template(self.aggregator)
             and self.aggregator not in BUILTIN_AGGREGATORS
             and "." not in self.aggregator
         ):
@@ -162,12 +232,20 @@ class ScatterGatherOperator(BaseOperator):
         elif self.deferrable and self.snapshot_every != 1:
             # Between deferrals the run lives only in the snapshot store.
             problems.append(f"snapshot_every must be 1 with deferrable=True (every round is committed), got {self.snapshot_every}")
-        if self.snapshot_uri and not _is_template(self.snapshot_uri) and not self.snapshot_uri.startswith(SNAPSHOT_SCHEMES):
+        if self.central_dp:
+            from flare_provider.privacy.central import CentralDPSettings  # no numpy, no accountant
+
+            try:
+                CentralDPSettings.from_dict(self.central_dp)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if self.snapshot_uri and not is_template(self.snapshot_uri) and not self.snapshot_uri.startswith(SNAPSHOT_SCHEMES):
             problems.append(f"snapshot_uri must be s3://bucket/prefix or file:///path, got {self.snapshot_uri!r}")
         if isinstance(self.connect_grace, bool) or not isinstance(self.connect_grace, (int, float)) or self.connect_grace < 0:
             problems.append(f"connect_grace must be a number of seconds >= 0, got {self.connect_grace!r}")
         if isinstance(self.poll_interval, bool) or not isinstance(self.poll_interval, (int, float)) or self.poll_interval <= 0:
             problems.append(f"poll_interval must be a number of seconds > 0, got {self.poll_interval!r}")
+        problems += selection_problems(self)
         if problems:
             raise ValueError(f"{type(self).__name__} {self.task_id!r}: " + "; ".join(problems))
 
@@ -177,6 +255,7 @@ class ScatterGatherOperator(BaseOperator):
         from flare_provider.aggregation import AggregatorConfigError
         from flare_provider.federation.records import RunSpec
         from flare_provider.federation.scatter_gather import ScatterGatherRun
+        from flare_provider.federation.selection import SelectionRule
         from flare_provider.hooks.flare import FlareConnectionError, FlareHook
         from flare_provider.hooks.snapshots import SnapshotStoreHook
 
@@ -193,13 +272,19 @@ class ScatterGatherOperator(BaseOperator):
                 wait_time_after_min_received=float(self.wait_time_after_min_received),
                 train_timeout=float(self.train_timeout),
                 aggregator=self.aggregator,
-                aggregator_args=self.aggregator_args,
-                train_config=self.train_config,
-                round_configs={int(k): v for k, v in self.round_configs.items()},
+                aggregator_args=rendered_mapping(self.aggregator_args, "aggregator_args"),
+                central_dp=self.central_dp,
+                train_config=rendered_mapping(self.train_config, "train_config"),
+                round_configs={int(k): v for k, v in rendered_mapping(self.round_configs, "round_configs").items()},
                 num_gpus=self.num_gpus,
                 snapshot_every=self.snapshot_every,
                 connect_grace=float(self.connect_grace),
                 status_poll_interval=float(self.poll_interval),
+            )
+            selection = SelectionRule(
+                self.best_metric or None,
+                self.best_mode,
+                int(self.early_stop_rounds) if self.early_stop_rounds not in (None, "") else None,
             )
             self._run = ScatterGatherRun(
                 spec,
@@ -208,6 +293,8 @@ class ScatterGatherOperator(BaseOperator):
                 initial_model=self.initial_model,
                 logger=self.log,
                 extra_state={"airflow": {"dag_id": self.dag_id, "task_id": self.task_id, "run_id": context["run_id"]}},
+                warm_start=self.warm_start,
+                selection=selection,
             )
         except (ValueError, AggregatorConfigError, FlareConnectionError) as exc:
             # Wrong arguments or connection: a retry cannot fix it, and no site was contacted.
@@ -239,7 +326,7 @@ class ScatterGatherOperator(BaseOperator):
         """Deferrable mode: scatter the next round and hand the waiting to the triggerer."""
         from flare_provider.triggers.round import RoundTrigger
 
-        if progress.round >= run.spec.num_rounds:
+        if run.finished(progress):
             return self._finish(run, progress)
         flight = run.scatter(progress)
         run.in_flight = None  # the trigger watches it now; this process lets go
@@ -257,16 +344,32 @@ class ScatterGatherOperator(BaseOperator):
     def _finish(self, run: "ScatterGatherRun", progress: "Progress") -> dict[str, Any]:
         spec = run.spec
         uri = run.finalize(progress)
+        last = {"round": progress.round, "snapshot_uri": uri, "model_uri": f"{uri}/model.safetensors"}
+        best = None
+        if run.best.round is not None:
+            best_uri = run.checkpoints.round_uri(run.best.round)
+            best = {"round": run.best.round, "metric": run.best.metric, "mode": run.best.mode, "value": run.best.value,
+                    "snapshot_uri": best_uri, "model_uri": f"{best_uri}/model.safetensors"}
+        elif self.output_model == "best":
+            self.log.warning("No round was scored on %s; the output model is the last round's", self.best_metric)
+        outlet = best if self.output_model == "best" and best is not None else last
         result: dict[str, Any] = {
             "federation": spec.federation,
             "run_id": spec.run_id,
             "rounds_done": progress.round,
-            "snapshot_uri": uri,
-            "model_uri": f"{uri}/model.safetensors",
+            "stopped_early": run.best.stopped_early,
+            "output_model": "best" if outlet is best else "last",
+            "snapshot_uri": outlet["snapshot_uri"],
+            "model_uri": outlet["model_uri"],
             "final_metrics": progress.metrics,
+            "last": last,
+            "best": best,
         }
+        if run.best.stopped_early:
+            self.log.info("Stopped early after round %d: %d rounds without a better %s than round %s",
+                          progress.round, run.best.rounds_without_improvement, run.best.metric, run.best.round)
         if self.evaluate:
-            evaluation = run.evaluate(progress)
+            evaluation = run.evaluate(run.best_model() if outlet is best else progress)
             result["evaluation"] = evaluation
             self.log.info("Final evaluation: global %s; per site %s", evaluation["global"],
                           {s: r.get("metrics", r.get("error")) for s, r in evaluation["sites"].items()})

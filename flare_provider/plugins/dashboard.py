@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any
 
+from flare_provider.federation.cross_site_matrix import CrossSiteMatrix, read_matrix
 from flare_provider.federation.records import RoundRecord, read_history
 
 REASON_CHARS = 400  # an error shown on the page is cut here (gRPC details can run long)
@@ -141,6 +142,18 @@ class RunView:
     uri: str = ""
     committed_at: str = ""
     state: dict[str, Any] = field(default_factory=dict, repr=False)
+    store: Any = field(default=None, repr=False, compare=False)  # where the cross-site matrix is read, if asked for
+
+    @cached_property
+    def cross_site(self) -> "CrossSiteView | None":
+        """The run's cross-site matrix (None: never evaluated), read only for the run the page shows."""
+        if self.store is None:
+            return None
+        try:
+            matrix = read_matrix(self.store, self.federation, self.run)
+        except Exception as exc:  # shown in its place, not raised
+            return CrossSiteView(error=reason(exc))
+        return None if matrix is None else CrossSiteView(matrix)
 
     @cached_property
     def history(self) -> list[RoundRecord]:
@@ -213,7 +226,7 @@ def read_run(store, federation: str, run: str) -> RunView:
     """``run`` from its newest round that verifies; the rounds skipped on the way are named."""
     from flare_provider.snapshots import SnapshotCorrupted
 
-    view = RunView(federation, run, store.list_rounds(federation, run))
+    view = RunView(federation, run, store.list_rounds(federation, run), store=store)
     for number in reversed(view.committed_rounds):
         try:
             snapshot = store.get_round(federation, run, number)
@@ -230,3 +243,47 @@ def read_runs(store) -> list[RunView]:
     """Every run in the store, the most recently committed first."""
     runs = [read_run(store, federation, run) for federation in store.list_federations() for run in store.list_runs(federation)]
     return sorted(runs, key=lambda r: r.committed_at, reverse=True)
+
+
+# ---- cross-site evaluation ------------------------------------------------------------
+
+_LOWER_IS_BETTER = ("loss", "error")  # metric names holding these are better when lower
+
+
+@dataclass
+class CrossSiteView:
+    """A run's cross-site matrix as the page draws it: one heat-mapped table per metric."""
+
+    matrix: CrossSiteMatrix | None = None
+    error: str = ""
+
+    def tables(self) -> list[dict[str, Any]]:
+        """Per metric: a row per model, a cell per site and the model's mean over the sites.
+
+        Each value's ``heat`` runs from 0 (the metric's worst value in the matrix) to 1 (its
+        best), so the colour says "better" for accuracy and loss alike.
+        """
+        matrix = self.matrix
+        if matrix is None:
+            return []
+        tables = []
+        for metric in matrix.metrics:
+            lower_better = any(word in metric.lower() for word in _LOWER_IS_BETTER)
+            found = [cell[metric] for row in matrix.values.values() for cell in row.values() if metric in cell]
+            low, high = (min(found), max(found)) if found else (0.0, 0.0)
+
+            def heat(value: float | None) -> float | None:
+                if value is None:
+                    return None
+                share = (value - low) / (high - low) if high > low else 1.0
+                return 1.0 - share if lower_better else share
+
+            rows = []
+            for model in matrix.models:
+                name = model["name"]
+                cells = [{"site": site, "value": (v := matrix.values.get(name, {}).get(site, {}).get(metric)), "heat": heat(v),
+                          "error": matrix.errors.get(name, {}).get(site, "not evaluated")} for site in matrix.sites]
+                rows.append({"model": name, "kind": model["kind"], "round": model.get("round"), "cells": cells,
+                             "mean": matrix.mean(name, metric)})
+            tables.append({"metric": metric, "better": "lower" if lower_better else "higher", "rows": rows})
+        return tables

@@ -16,6 +16,10 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, ABORTED = "queued", "running", "succeeded", 
 TERMINAL_STATUSES = frozenset({SUCCEEDED, FAILED, ABORTED})
 # train: update the model; evaluate: score it; initialize: the app builds a starting model.
 TASK_KINDS = ("train", "evaluate", "initialize")
+# In a train result's safetensors metadata: "true" where the site lets the server keep this
+# local model and send it to the other sites for cross-site evaluation (site.yaml
+# share_local_model); anything else, or no entry, means it may not.
+SHARE_LOCAL_MODEL_KEY = "flare.share_local_model"
 
 # Fields the message carries as `optional`: absent there, None here.
 _OPTIONAL = ("error", "started_at", "finished_at")

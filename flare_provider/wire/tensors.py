@@ -32,6 +32,9 @@ from ..files import atomic_file
 RESULT_KIND_KEY = "flare.result_kind"
 """Metadata key of a site's result file: ``"weights"`` (full weights) or ``"difference"``
 (local minus global weights)."""
+RESULT_PRIVACY_KEY = "flare.privacy"
+"""Metadata key of a site's result file: JSON of the privacy filters the site applied to it
+and the requests it refused (see ``docs/privacy.md``)."""
 
 # safetensors dtype codes numpy can hold. BF16 and FP8 have no numpy dtype: such a file
 # can be described, not loaded; trainers send float32 or float16.
@@ -55,6 +58,9 @@ _ITEMSIZE = {code: dtype.itemsize for code, dtype in SAFETENSORS_DTYPES.items()}
 _ITEMSIZE.update({"BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8})
 _METADATA = "__metadata__"
 _MAX_HEADER = 100 << 20  # the safetensors library's own limit
+# numpy's limits on an array: dimensions, and a size (in elements) that fits its index type
+_MAX_DIMS = 32
+_MAX_DIM = 2**63 - 1
 _READ_BYTES = 1 << 30  # one read() per GiB: Linux reads at most 2 GiB at once
 
 
@@ -223,7 +229,11 @@ class TensorFile(Mapping[str, np.ndarray]):
 
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except TensorFormatError:  # a name twice
+            raise
+        except RecursionError:
+            raise self._fail("header is not JSON: nested too deeply") from None
+        except ValueError as exc:  # bad UTF-8 or JSON, a number of thousands of digits
             raise self._fail(f"header is not JSON: {exc}") from None
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
@@ -235,9 +245,14 @@ class TensorFile(Mapping[str, np.ndarray]):
             if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
                 raise self._fail(f"tensor {name!r}: entry must have dtype, shape and data_offsets")
             dtype, shape, span = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if dtype not in _ITEMSIZE:
+            if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
                 raise self._fail(f"tensor {name!r}: unknown dtype {dtype!r}")
-            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            if (
+                not isinstance(shape, list)
+                or len(shape) > _MAX_DIMS
+                or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)
+                or math.prod(shape) > _MAX_DIM
+            ):
                 raise self._fail(f"tensor {name!r}: bad shape {shape!r}")
             if not isinstance(span, list) or len(span) != 2 or not all(type(o) is int and o >= 0 for o in span):
                 raise self._fail(f"tensor {name!r}: bad data_offsets {span!r}")

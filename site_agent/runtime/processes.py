@@ -146,6 +146,8 @@ class WorkerProcesses:
             "allow_custom_code": self.settings.allow_custom_code,
             "data_dir": str(self.settings.data_dir),
             "gpus": gpus,
+            "privacy": self.settings.privacy.to_dict(),  # the site's filters, the floor of any request
+            "share_local_model": self.settings.share_local_model,  # site.yaml: may others evaluate its model
         }
         write_json_atomic(task.paths.worker_input, job)
         task.paths.scratch.mkdir(exist_ok=True)

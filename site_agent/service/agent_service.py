@@ -47,6 +47,7 @@ from ..errors import (
     UnknownTaskError,
 )
 from ..kit_config import DEFAULT_MAX_BUNDLE_BYTES, DEFAULT_MAX_WEIGHTS_BYTES, AgentConfig
+from ..privacy.apply import result_privacy
 from ..runtime.app_store import AppInfo, AppStore
 from ..runtime.task_manager import TaskManager
 from ..runtime.task_records import TaskSpec
@@ -101,7 +102,7 @@ class _Call:
     what: dict[str, str] = field(default_factory=dict)
 
 
-def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     for error_type, code in _STATUS_CODES:
         if isinstance(exc, error_type):
             return code, str(exc)
@@ -205,7 +206,7 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
         return call
 
     def _fail(self, call: _Call, exc: Exception, context: grpc.ServicerContext):
-        code, message = _status_of(exc)
+        code, message = status_of(exc)
         if code is grpc.StatusCode.INTERNAL:
             log.exception("%s failed", call.method, extra={"method": call.method, **call.what})
         else:
@@ -314,6 +315,8 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
             config = json.loads(header.config_json) if header.config_json else {}
         except ValueError as exc:
             raise InvalidTaskError(f"task {header.task_id}: config is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise InvalidTaskError(f"task {header.task_id}: config is not valid JSON (nested too deeply)") from None
         if not isinstance(config, dict):
             raise InvalidTaskError(f"task {header.task_id}: config must be a JSON object, got {type(config).__name__}")
         return TaskSpec(
@@ -348,6 +351,7 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
     @_rpc(Action.FETCH)
     def FetchResult(self, request, context, call):
         path, state = self.tasks.result_file(request.task_id)
+        call.what["privacy"] = result_privacy(path)  # the filters this result went through, in the audit line
         # Send from the open file: an acknowledge meanwhile cannot cut the transfer short.
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size

@@ -1,7 +1,8 @@
 """The agent's audit log: one JSON line per command, allowed or refused, never rewritten.
 
 Each line says when, who (the caller's certificate: CN, org, kind, role, and the
-network peer), what (the method and the task or app it concerned) and the outcome
+network peer), what (the method and the task or app it concerned; for a fetched result,
+the privacy filters it went through and any request the site refused) and the outcome
 (``ok``, ``denied`` or the gRPC status code of the failure, with its message).
 Lines are written with a single ``write`` to a file opened in append mode, so
 concurrent calls never interleave within a line.

@@ -17,9 +17,15 @@ Example ``app.yaml``::
         seed: 0
 
 The round config from the server may override ``epochs``, ``lr``, ``batch_size``,
-``momentum``, ``weight_decay`` and ``fedprox_mu``. With ``fedprox_mu`` > 0 the loss
-gains the FedProx term mu/2 * ||w - w_global||^2, which keeps sites with skewed data
-close to the global model. Given the same inputs, training on CPU gives the same weights.
+``momentum``, ``weight_decay``, ``fedprox_mu`` and ``lr_schedule``. With ``fedprox_mu``
+> 0 the loss gains the FedProx term mu/2 * ||w - w_global||^2, which keeps sites with
+skewed data close to the global model. ``lr_schedule: cosine`` lowers the learning rate
+step by step along a cosine that spans the whole run, its place read from the round
+config's ``round`` and ``num_rounds`` (see :mod:`site_agent.trainers.schedules`).
+When the global model comes with SCAFFOLD's server control
+variate (the ``scaffold`` aggregator), each SGD step is corrected by the site's control
+variate and the result carries its change (see :mod:`site_agent.trainers.scaffold`).
+Given the same inputs, training on CPU gives the same weights.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from typing import Any
 import numpy as np
 
 from ..trainer import EvalResult, TaskContext, Trainer, TrainResult
+from .scaffold import ScaffoldCorrection, split_server_control
+from .schedules import check_schedule, run_steps, scheduled_lr
 
 LAYERS = frozenset({
     "Linear", "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
@@ -37,7 +45,7 @@ LAYERS = frozenset({
     "ReLU", "LeakyReLU", "GELU", "SiLU", "Tanh", "Sigmoid",
 })
 OPTIMIZERS = ("sgd", "adam")
-ROUND_OVERRIDES = ("epochs", "lr", "batch_size", "momentum", "weight_decay", "fedprox_mu")
+ROUND_OVERRIDES = ("epochs", "lr", "batch_size", "momentum", "weight_decay", "fedprox_mu", "lr_schedule")
 _EVAL_BATCH = 1024
 
 
@@ -100,6 +108,7 @@ class ClassifierTrainer(Trainer):
         weight_decay: float = 0.0,
         fedprox_mu: float = 0.0,
         seed: int = 0,
+        lr_schedule: str = "constant",
     ):
         build_model(model)  # fail early on a bad spec, before any data is read
         if optimizer not in OPTIMIZERS:
@@ -107,7 +116,8 @@ class ClassifierTrainer(Trainer):
         self.model_spec = model
         self.data = {"train": "train.npz", "test": "test.npz", **(data or {})}
         self.defaults = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "momentum": momentum,
-                         "weight_decay": weight_decay, "fedprox_mu": fedprox_mu}
+                         "weight_decay": weight_decay, "fedprox_mu": fedprox_mu,
+                         "lr_schedule": check_schedule(lr_schedule)}
         self.optimizer = optimizer
         self.seed = int(seed)
 
@@ -127,6 +137,7 @@ class ClassifierTrainer(Trainer):
         for name in ("lr", "momentum", "weight_decay", "fedprox_mu"):
             if isinstance(settings[name], bool) or not isinstance(settings[name], (int, float)) or settings[name] < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {settings[name]!r}")
+        check_schedule(settings["lr_schedule"])
         return settings
 
     def _model(self, weights: dict[str, Any], device: str):
@@ -146,10 +157,14 @@ class ClassifierTrainer(Trainer):
         from torch import nn
 
         settings = self._settings(ctx.config)
+        weights, server_c = split_server_control(weights)
+        if server_c and self.optimizer != "sgd":
+            raise ValueError(f"SCAFFOLD corrects SGD steps; app.yaml sets optimizer {self.optimizer!r}")
         if ctx.device == "cpu":
             torch.use_deterministic_algorithms(True)
         x, y = (torch.from_numpy(a).to(ctx.device) for a in load_split(ctx.data_dir, self.data["train"]))
         model = self._model(weights, ctx.device)
+        scaffold = ScaffoldCorrection(model, server_c, ctx.state_dir, ctx.round, settings["lr"]) if server_c else None
         global_params = [p.detach().clone() for p in model.parameters()]
         if self.optimizer == "adam":
             opt = torch.optim.Adam(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
@@ -160,6 +175,7 @@ class ClassifierTrainer(Trainer):
         mu = float(settings["fedprox_mu"])
         shuffle = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.round)
         n, epochs, batch_size = len(y), settings["epochs"], settings["batch_size"]
+        step, total_steps = run_steps(ctx.config, epochs * -(-n // batch_size))
         for epoch in range(epochs):
             model.train()
             order = torch.randperm(n, generator=shuffle).to(ctx.device)
@@ -175,7 +191,13 @@ class ClassifierTrainer(Trainer):
                     loss = loss + mu / 2 * drift
                 opt.zero_grad()
                 loss.backward()
+                step_lr = scheduled_lr(settings["lr_schedule"], settings["lr"], step, total_steps)
+                if scaffold is not None:  # SCAFFOLD: step along g - c_i + c
+                    scaffold.correct(step_lr)
+                for group in opt.param_groups:
+                    group["lr"] = step_lr
                 opt.step()
+                step += 1
             ctx.report((epoch + 1) / epochs, train_loss=total_loss / n, train_accuracy=correct / n)
 
         metrics = {"train_loss": total_loss / n, "train_accuracy": correct / n}
@@ -183,6 +205,8 @@ class ClassifierTrainer(Trainer):
             val = self._evaluate(model, ctx)
             metrics.update({"val_loss": val.metrics["loss"], "val_accuracy": val.metrics["accuracy"]})
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if scaffold is not None:
+            state.update(scaffold.finish())  # saves c_i+; the result carries dc = c_i+ - c_i
         return TrainResult(weights=state, num_samples=n, metrics=metrics)
 
     def evaluate(self, weights: dict[str, Any], ctx: TaskContext) -> EvalResult:

@@ -23,16 +23,23 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from flare_provider.files import safe_name
 from flare_provider.wire.bundles import (
+    APP_CONFIG,
     BUILTIN_TRAINERS,
     CUSTOM_DIR,
     custom_modules,
     load_app_config,
 )
-from flare_provider.wire.tensors import RESULT_KIND_KEY
+from flare_provider.wire.task_state import SHARE_LOCAL_MODEL_KEY
+from flare_provider.wire.tensors import RESULT_KIND_KEY, RESULT_PRIVACY_KEY
 
+from ..privacy import PrivacyConfigError
+from ..privacy.apply import filter_result, record_metadata
+from ..privacy.policy import task_policy
 from ..runtime.task_folder import TaskPaths, write_json_atomic
 from ..trainer import EvalResult, TaskContext, TrainResult
+from ..trainers.scaffold import result_layout
 from .weights import (
     WeightsError,
     check_update,
@@ -43,6 +50,7 @@ from .weights import (
 )
 
 _MAX_ERROR_CHARS = 2000
+SITE_STATE_DIR = "state"  # beside tasks/ in the agent's work folder
 
 
 class TaskFailure(Exception):
@@ -111,7 +119,13 @@ def run_task(paths: TaskPaths, channel: ProgressChannel) -> None:
     app_dir = Path(job["app_dir"])
     config = load_app_config(app_dir)
     trainer_cls = load_trainer_class(config.trainer_path, app_dir, bool(job["allow_custom_code"]))
-    expected = tensor_layout(paths.global_weights)
+    try:  # before any training: a malformed privacy request fails the task, costing nothing
+        policy, refused = task_policy(job, app_dir / APP_CONFIG)
+    except PrivacyConfigError as exc:
+        raise TaskFailure(str(exc)) from None
+    # A SCAFFOLD result carries the change of the site's control variate where the global
+    # file carried the server's: the names the result must have follow from the global ones.
+    expected = result_layout(tensor_layout(paths.global_weights))
     weights = load_weights(paths.global_weights, getattr(trainer_cls, "tensor_format", "numpy"))
     paths.scratch.mkdir(exist_ok=True)
     ctx = TaskContext(
@@ -125,6 +139,7 @@ def run_task(paths: TaskPaths, channel: ProgressChannel) -> None:
         app_dir=app_dir,
         device=_pick_device(job["gpus"]),
         gpus=tuple(job["gpus"]),
+        state_dir=_site_state_dir(paths, config.name, job["config"].get("run_key")),
         _reporter=lambda progress, metrics: channel.send("progress", progress=progress, metrics=metrics),
     )
     channel.send("started", device=ctx.device)
@@ -142,18 +157,36 @@ def run_task(paths: TaskPaths, channel: ProgressChannel) -> None:
             raise TaskFailure(f"trainer {config.trainer_path!r} has no initial_weights(); give the run an initial model")
         initial = make_initial()
         check_update({}, initial, is_difference=False)
-        info = {"kind": "weights", "num_samples": 0, "metrics": {}}
-        save_weights(paths.result_weights, initial, {RESULT_KIND_KEY: "weights", "flare.task_id": ctx.task_id})
+        # Built by the app's code, not from the site's data: the site's filters do not apply.
+        privacy = {"applied": [], "refused": refused, "unfiltered": "initial model"}
+        info = {"kind": "weights", "num_samples": 0, "metrics": {}, "privacy": privacy}
+        save_weights(paths.result_weights, initial, {RESULT_KIND_KEY: "weights", "flare.task_id": ctx.task_id,
+                                                     RESULT_PRIVACY_KEY: record_metadata(privacy)})
     else:
         outcome = trainer.train(weights, ctx)
         if not isinstance(outcome, TrainResult):
             raise TaskFailure(f"train() returned {type(outcome).__name__}, expected TrainResult")
         check_update(expected, outcome.weights, outcome.is_difference)
         kind = "difference" if outcome.is_difference else "weights"
+        # The site's privacy filters run here, before the result is written, hashed or fetched.
+        update, privacy = filter_result(policy, refused, paths.global_weights, getattr(trainer_cls, "tensor_format", "numpy"),
+                                        outcome.weights, outcome.is_difference, ctx.task_id)
         info = {"kind": kind, "num_samples": _count(outcome.num_samples),
-                "metrics": finite_metrics(outcome.metrics, "train() metrics")}
-        save_weights(paths.result_weights, outcome.weights, {RESULT_KIND_KEY: kind, "flare.task_id": ctx.task_id})
+                "metrics": finite_metrics(outcome.metrics, "train() metrics"), "privacy": privacy}
+        # The site's word on passing this model on to other sites travels with the model itself.
+        share = "true" if job.get("share_local_model") is True else "false"
+        save_weights(paths.result_weights, update, {RESULT_KIND_KEY: kind, "flare.task_id": ctx.task_id,
+                                                    RESULT_PRIVACY_KEY: record_metadata(privacy),
+                                                    SHARE_LOCAL_MODEL_KEY: share})
     write_json_atomic(paths.result_info, info, durable=True)  # the commit point of the result
+
+
+def _site_state_dir(paths: TaskPaths, app_name: str, run_key: Any) -> Path | None:
+    """``<work_dir>/state/<app>/<run>/``: what a trainer keeps of a run across rounds and restarts
+    (the task folder, ``<work_dir>/tasks/<task_id>/``, goes once the server has the result)."""
+    if not isinstance(run_key, str) or not run_key:
+        return None
+    return paths.dir.parents[1] / SITE_STATE_DIR / safe_name(app_name) / safe_name(run_key)
 
 
 def _count(value: Any) -> int:

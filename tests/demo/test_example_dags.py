@@ -20,8 +20,12 @@ DAG_FILES = {
     "train_federation.py": "train_federation",
     "recurring_federation.py": "recurring_federation",
 }
-# What the Airflow side must not need to parse a DAG: the agent, PyTorch, gRPC, numpy.
-HEAVY = ("torch", "numpy", "grpc", "safetensors", "boto3", "sklearn", "site_agent", "flare_provider.federation")
+# What the Airflow side must not need to parse a DAG: the agent, PyTorch, gRPC, numpy, the
+# workflow engines (operators check their arguments with the light plain-data modules only).
+HEAVY = ("torch", "numpy", "grpc", "safetensors", "boto3", "sklearn", "site_agent",
+         "flare_provider.federation.scatter_gather", "flare_provider.federation.communicator",
+         "flare_provider.federation.checkpoints", "flare_provider.federation.cyclic",
+         "flare_provider.federation.cross_site", "flare_provider.aggregation.base")
 
 # Parses one DAG file in a fresh interpreter the way the dag-processor does: Airflow is
 # loaded already and the DAGs folder is on sys.path. With "block", the heavy packages
@@ -100,6 +104,7 @@ def test_training_dags_wait_deploy_train(dagbag):
         assert Path(dag.get_task("deploy").app_dir) == Path(app_dir)
         assert dag.params["rounds"] == 5 and dag.params["min_clients"] is None and dag.params["aggregator"] == "fedavg"
         assert dag.params.get_param("aggregator").schema["enum"] == list(BUILTIN_AGGREGATORS)
+        assert train.aggregator_args == {} and train.train_config == {}  # none set in the environment
 
     train_dag = dagbag.get_dag("train_federation")
     assert train_dag.schedule is None and not train_dag.get_task("train").deferrable
@@ -128,6 +133,56 @@ def test_trigger_form_accepts_good_params(dagbag):
     params = copy.deepcopy(dagbag.get_dag("train_federation").params)
     params.update({"rounds": 3, "min_clients": 2, "aggregator": "fedadam"})
     assert params.validate() == {"rounds": 3, "min_clients": 2, "aggregator": "fedadam"}
+
+
+# The training DAG file loaded as the dag-processor does, in an environment of our choosing.
+TRAINING_SETTINGS = """
+import json, sys
+sys.path.append(sys.argv[1])
+import importlib.util
+spec = importlib.util.spec_from_file_location("train_dag", sys.argv[2])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+train, params = module.dag.get_task("train"), module.dag.params
+print(json.dumps({"aggregator_args": train.aggregator_args, "train_config": train.train_config,
+                  "aggregator": params["aggregator"], "offered": params.get_param("aggregator").schema["enum"]}))
+"""
+
+
+def load_training_dag(**env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", TRAINING_SETTINGS, str(DAGS), str(DAGS / "train_federation.py")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **env},
+    )
+
+
+def test_training_dag_takes_the_recipe_from_the_environment():
+    """As ``make demo`` sets it: the sites' round config and the server optimizer's settings."""
+    out = load_training_dag(
+        FLARE_TRAIN_CONFIG='{"epochs": 1, "lr": 0.2, "lr_schedule": "cosine"}',
+        FLARE_AGGREGATOR="fedadam",
+        FLARE_AGGREGATOR_ARGS='{"server_lr": 0.03, "beta1": 0.5}',
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded == {
+        "aggregator_args": {"server_lr": 0.03, "beta1": 0.5},
+        "train_config": {"epochs": 1, "lr": 0.2, "lr_schedule": "cosine"},
+        "aggregator": "fedadam",
+        "offered": ["fedadam"],  # the arguments fit no other aggregator
+    }
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [({"FLARE_TRAIN_CONFIG": "{lr: 0.2}"}, "FLARE_TRAIN_CONFIG must be a JSON object"),
+     ({"FLARE_AGGREGATOR_ARGS": "[0.03]"}, "FLARE_AGGREGATOR_ARGS must be a JSON object, got '[0.03]'"),
+     ({"FLARE_AGGREGATOR": "fedsum"}, "FLARE_AGGREGATOR must be one of fedavg")],
+    ids=["config-not-json", "args-not-object", "unknown-aggregator"],
+)
+def test_bad_recipe_settings_are_named(env, message):
+    out = load_training_dag(**env)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-3000:]
 
 
 def test_provision_dag_writes_kits_from_params(run_dag, xcom, tmp_path, sample_project_file):

@@ -12,7 +12,8 @@ Module fixtures, in the order they come up:
   holding the snapshot store);
 - ``page_before_runs``: the page while the store is still empty;
 - ``trained``: two runs of a weekly training DAG (``airflow dags test``): the first with
-  every site, the second warm-started with site-3 down (it stays down).
+  every site, the second warm-started with site-3 down (it stays down); each ends with a
+  cross-site evaluation (site-1 shares its local model).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from plugin_support import (
     BROKEN_CONN_ID,
     DAG_ID,
     DOWN_SITE,
+    SHARING_SITE,
     START_TIMEOUT_S,
     TRAIN_DAG,
     USERS,
@@ -114,6 +116,7 @@ def server(airflow_home, request) -> Server:
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, airflow_home):
     fed = prepare(tmp_path_factory.mktemp("poc"), "clinics", 3)
+    fed.set_site_settings(SHARING_SITE, share_local_model=True)
     try:
         fed.start_agents()
         fed.deploy_app(APP)

@@ -18,6 +18,7 @@ APP = REPO / "examples" / "apps" / "digits"
 USERS = {"admin": "admin", "viewer": "viewer"}  # user name: SimpleAuthManager role
 DAG_ID = "clinics_weekly"
 DOWN_SITE = "site-3"
+SHARING_SITE = "site-1"  # lets its local model be evaluated by the other sites (site.yaml share_local_model)
 AWS_CONN_ID = "aws_snapshots"
 BROKEN_CONN_ID = "flare_broken"
 START_TIMEOUT_S = 120
@@ -26,10 +27,10 @@ CLI_TIMEOUT_S = 300
 TRAIN_DAG = """
 import pendulum
 from airflow.sdk import DAG
-from flare_provider.operators import ScatterGatherOperator
+from flare_provider.operators import CrossSiteEvalOperator, ScatterGatherOperator
 
 with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2026, 1, 1), catchup=False) as dag:
-    ScatterGatherOperator(
+    train = ScatterGatherOperator(
         task_id="train",
         app_name="digits",
         flare_conn_id="{conn_id}",
@@ -41,6 +42,8 @@ with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2026, 1, 1), ca
         snapshot_uri="{snapshot_uri}",
         aws_conn_id="{aws_conn_id}",
     )
+    train >> CrossSiteEvalOperator(task_id="cross_site", app_name="digits", flare_conn_id="{conn_id}",
+                                   snapshot_uri="{snapshot_uri}", aws_conn_id="{aws_conn_id}", connect_grace=2)
 """
 
 

@@ -17,7 +17,7 @@ from urllib.parse import quote, urlencode
 import pytest
 from plugin_browser import Chromium
 from plugin_html import parse
-from plugin_support import BROKEN_CONN_ID, DAG_ID, DOWN_SITE, REPO
+from plugin_support import BROKEN_CONN_ID, DAG_ID, DOWN_SITE, REPO, SHARING_SITE
 from s3_server import TEST_KEYS
 
 from flare_provider.snapshots import SnapshotStore, encode_name
@@ -172,6 +172,36 @@ def test_a_run_shows_its_metrics_and_who_took_part_in_each_round(server, admin, 
         else:
             assert cells[DOWN_SITE].attrs["data-state"] == "dropped"
             assert "submit failed" in cells[DOWN_SITE].text and "UNAVAILABLE" in cells[DOWN_SITE].attrs["title"]
+
+
+@pytest.mark.parametrize("week", [0, 1])
+def test_a_run_shows_its_cross_site_matrix(server, admin, store, run_ids, week):
+    """The table per metric holds the matrix the run stored: every model (the global one, and
+    site-1's, the one site that shares) at every site; site-3 was down in week 1."""
+    from flare_provider.federation.cross_site_matrix import read_matrix
+
+    run_id = run_ids[week]
+    matrix = read_matrix(store, DAG_ID, run_id)
+    assert matrix.model_names == ["global", SHARING_SITE]
+    page = parse(server.get(run_page(run_id), admin).text)
+    section = page.one("div", id="cross-site")
+    # site-3 dropped out of week 1's rounds: only site-2 declined to share a model of its last round.
+    assert f"Not shared by their sites: {'site-2, site-3' if week == 0 else 'site-2'}." in section.text
+    for metric in ("accuracy", "loss"):
+        rows = section.one("table", data_metric=metric).select("tr", data_model=True)
+        assert [(r.attrs["data-model"], r.attrs["data-kind"]) for r in rows] == [("global", "global"), (SHARING_SITE, "local")]
+        for row in rows:
+            model = row.attrs["data-model"]
+            cells = {c.attrs["data-site"]: c for c in row.select("td", data_site=True)}
+            assert sorted(cells) == ["site-1", "site-2", "site-3"]
+            for site, cell in cells.items():
+                if week == 1 and site == DOWN_SITE:
+                    assert site not in matrix.values[model] and cell.attrs["data-state"] == "error"
+                    assert cell.attrs["title"] == matrix.errors[model][site] and "UNAVAILABLE" in cell.attrs["title"]
+                else:
+                    assert math.isclose(float(cell.attrs["data-value"]), matrix.values[model][site][metric], rel_tol=1e-9)
+            mean = float(row.one("td", class_="mean").attrs["data-value"])
+            assert math.isclose(mean, matrix.mean(model, metric), rel_tol=1e-9)
 
 
 def test_a_damaged_round_is_skipped_and_named(server, admin, airflow_home, run_ids, federation):

@@ -273,6 +273,15 @@ def test_zip_package_unpacks_to_a_verified_kit(kits, tmp_path):
     assert stat.S_IMODE((kit / "startup" / "start.sh").stat().st_mode) == 0o755
 
 
+def test_a_package_that_does_not_verify_is_not_left_unpacked(kits, tmp_path, capsys):
+    """flare kit unpack with another project's root fingerprint: exit 1, and no kit folder left behind."""
+    out = tmp_path / "site"
+    assert flare(["kit", "unpack", str(kits.packages["hospital-b"]), "-d", str(out), "--root-fingerprint", "00" * 32]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED" in err and f"removed {out / 'hospital-b'}" in err
+    assert not (out / "hospital-b").exists()
+
+
 def test_protected_packages_with_generated_passwords(tmp_path, sample_project_file, capsys):
     project = load_project(sample_project_file)
     result = provision(project, tmp_path / "ws", password=GENERATE)
