@@ -204,7 +204,7 @@ class Relay:
                 await writer.wait_closed()
 
     async def _attach(self, peer: PeerIdentity, hello: dict, address: str, reader, writer) -> None:
-        site = hello.get("site")
+        site = _name(hello, "site")
         if peer.kind != "client" or peer.name != site:
             raise PermissionError(f"{peer.kind} {peer.name!r} may not attach as site {site!r}")
         attachment = Attachment(site, address, writer)
@@ -229,7 +229,7 @@ class Relay:
 
     async def _open(self, peer: PeerIdentity, hello: dict, address: str, reader, writer) -> None:
         self._require_caller(peer)
-        site = hello.get("site")
+        site = _name(hello, "site")
         attachment = self.attachments.get(site)
         if attachment is None:
             raise LookupError(f"site {site!r} is not attached to relay {self.name}")
@@ -262,8 +262,9 @@ class Relay:
         except (asyncio.TimeoutError, OSError) as exc:
             log.info("Relay %s: path %s to %s not completed: %s", self.name, conn, path.site,
                      exc or ("the site did not join" if caller is None and path.caller.done() else "timed out"))
-            for end in (caller, site_end):
+            for end in (caller, site_end, *_settled(path.caller, path.data)):
                 _close(end)
+            path.done.set()  # a TLS site end waits on it
             return
         finally:
             for token in tokens:
@@ -309,7 +310,7 @@ class Relay:
             sock.close()
 
     async def _data(self, peer: PeerIdentity, hello: dict, reader, writer) -> None:
-        path = self._pending.get(hello.get("conn"))
+        path = self._pending.get(_name(hello, "conn"))
         if path is None or path.data.done():
             raise LookupError(f"no path {hello.get('conn')!r} is waiting")
         if peer.kind != "client" or peer.name != path.site:
@@ -328,11 +329,30 @@ class Relay:
         return None if self.tap is None else (lambda data: self.tap(conn, data))
 
 
+def _name(hello: dict, field: str) -> str:
+    """A site name or path id from a first line: text, or a clear refusal."""
+    value = hello.get(field)
+    if not isinstance(value, str) or not value:
+        raise RelayProtocolError(f"{field!r} must be a non-empty string, got {value!r:.80}")
+    return value
+
+
 def _settle(future: asyncio.Future, value=None) -> None:
     if not future.done():
         future.set_result(value)
     elif isinstance(value, socket.socket):  # a second join for an end already there
         value.close()
+
+
+def _settled(*futures: asyncio.Future) -> list:
+    """What already joined a path that will not be carried; later joins find the futures done and close."""
+    ends = []
+    for future in futures:
+        if future.done() and not future.cancelled():
+            ends.append(future.result())
+        else:
+            future.cancel()
+    return ends
 
 
 def _close(end) -> None:
