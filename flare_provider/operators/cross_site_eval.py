@@ -15,8 +15,8 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from flare_provider.hooks.snapshots import SNAPSHOT_SCHEMES
-from flare_provider.operators.scatter_gather import is_template as _is_template
+from flare_provider.operators.arguments import is_template as _is_template
+from flare_provider.operators.arguments import run_problems
 
 _MODES = ("max", "min")  # as flare_provider.federation.cross_site_matrix.MODES, without importing the engine
 
@@ -102,18 +102,14 @@ class CrossSiteEvalOperator(BaseOperator):
         rnd = self.model_round
         if rnd is not None and not _is_template(rnd) and (isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0):
             problems.append(f"model_round must be a round number >= 0, got {rnd!r}")
-        if isinstance(self.sites, list) and (not self.sites or len(set(self.sites)) != len(self.sites)):
-            problems.append(f"sites must be distinct site names, got {self.sites!r}")
-        for name in ("eval_timeout", "connect_grace"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (name == "eval_timeout" and value == 0):
-                problems.append(f"{name} must be a number of seconds ({'> 0' if name == 'eval_timeout' else '>= 0'}), got {value!r}")
+        problems += run_problems(self)
+        value = self.eval_timeout
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            problems.append(f"eval_timeout must be a number of seconds > 0, got {value!r}")
         if self.best_metric is not None and (not isinstance(self.best_metric, str) or not self.best_metric):
             problems.append(f"best_metric must be a metric name or None, got {self.best_metric!r}")
         if self.best_mode not in _MODES:
             problems.append(f"best_mode must be one of {', '.join(_MODES)}, got {self.best_mode!r}")
-        if self.snapshot_uri and not _is_template(self.snapshot_uri) and not self.snapshot_uri.startswith(SNAPSHOT_SCHEMES):
-            problems.append(f"snapshot_uri must be s3://bucket/prefix or file:///path, got {self.snapshot_uri!r}")
         if problems:
             raise ValueError(f"{type(self).__name__} {self.task_id!r}: " + "; ".join(problems))
 

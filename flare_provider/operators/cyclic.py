@@ -16,8 +16,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from flare_provider.federation.cyclic_plan import ON_FAILURE, ORDERS
-from flare_provider.hooks.snapshots import SNAPSHOT_SCHEMES
-from flare_provider.operators.scatter_gather import is_template, rendered_mapping, selection_problems
+from flare_provider.operators.arguments import is_template, rendered_mapping, run_problems, selection_problems
 
 if TYPE_CHECKING:
     from flare_provider.federation.cyclic import CyclicRun
@@ -128,14 +127,7 @@ class CyclicOperator(BaseOperator):
         timeout = self.train_timeout
         if not is_template(timeout) and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             problems.append(f"train_timeout must be a number of seconds > 0, got {timeout!r}")
-        if isinstance(self.sites, list) and (not self.sites or len(set(self.sites)) != len(self.sites)):
-            problems.append(f"sites must be distinct site names, got {self.sites!r}")
-        if self.snapshot_uri and not is_template(self.snapshot_uri) and not self.snapshot_uri.startswith(SNAPSHOT_SCHEMES):
-            problems.append(f"snapshot_uri must be s3://bucket/prefix or file:///path, got {self.snapshot_uri!r}")
-        if isinstance(self.connect_grace, bool) or not isinstance(self.connect_grace, (int, float)) or self.connect_grace < 0:
-            problems.append(f"connect_grace must be a number of seconds >= 0, got {self.connect_grace!r}")
-        if isinstance(self.poll_interval, bool) or not isinstance(self.poll_interval, (int, float)) or self.poll_interval <= 0:
-            problems.append(f"poll_interval must be a number of seconds > 0, got {self.poll_interval!r}")
+        problems += run_problems(self)
         problems += selection_problems(self)
         if problems:
             raise ValueError(f"{type(self).__name__} {self.task_id!r}: " + "; ".join(problems))

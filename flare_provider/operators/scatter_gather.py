@@ -15,55 +15,11 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from flare_provider.aggregation.names import BUILTIN_AGGREGATORS
-from flare_provider.federation.selection import CHOICES, MODES
-from flare_provider.hooks.snapshots import SNAPSHOT_SCHEMES
+from flare_provider.operators.arguments import is_template, rendered_mapping, run_problems, selection_problems
 
 if TYPE_CHECKING:
     from flare_provider.federation.records import Progress
     from flare_provider.federation.scatter_gather import ScatterGatherRun
-
-
-def rendered_mapping(value: Any, name: str) -> dict[str, Any]:
-    """A JSON-object field after rendering: a mapping, or a template that rendered to JSON text."""
-    import json
-
-    if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else {}
-        except ValueError as exc:
-            raise ValueError(f"{name} rendered to {value[:200]!r}, which is not a JSON object: {exc}") from None
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{name} must be a mapping (a JSON object), got {type(value).__name__}")
-    return dict(value)
-
-
-def is_template(value: Any) -> bool:
-    return isinstance(value, str) and "{{" in value
-
-
-def selection_problems(op: Any) -> list[str]:
-    """What is wrong with an operator's best-model and warm-start arguments (those it has)."""
-    problems = []
-    best_metric = getattr(op, "best_metric", None)
-    early_stop = getattr(op, "early_stop_rounds", None)
-    if best_metric is not None and not is_template(best_metric) and (not isinstance(best_metric, str) or not best_metric):
-        problems.append(f"best_metric must be a metric name, got {best_metric!r}")
-    if getattr(op, "best_mode", "max") not in MODES:
-        problems.append(f"best_mode must be one of {', '.join(MODES)}, got {op.best_mode!r}")
-    if early_stop is not None and not is_template(early_stop):
-        if isinstance(early_stop, bool) or not isinstance(early_stop, int) or early_stop < 1:
-            problems.append(f"early_stop_rounds must be a positive integer, got {early_stop!r}")
-        elif not best_metric:
-            problems.append("early_stop_rounds needs best_metric: rounds are judged by it")
-    for name in ("warm_start", "output_model"):
-        if getattr(op, name, "last") not in CHOICES:
-            problems.append(f"{name} must be one of {', '.join(CHOICES)}, got {getattr(op, name)!r}")
-    if getattr(op, "output_model", "last") == "best" and not best_metric:
-        problems.append("output_model='best' needs best_metric: without it no round is scored")
-    initial = getattr(op, "initial_model", None)
-    if getattr(op, "warm_start", "last") == "best" and not is_template(initial) and initial != "previous":
-        problems.append(f"warm_start='best' applies to initial_model='previous' only, got initial_model={initial!r}")
-    return problems
 
 
 class ScatterGatherOperator(BaseOperator):
@@ -219,8 +175,7 @@ class ScatterGatherOperator(BaseOperator):
             and "." not in self.aggregator
         ):
             problems.append(f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(BUILTIN_AGGREGATORS)} or a class path")
-        if isinstance(self.sites, list) and (not self.sites or len(set(self.sites)) != len(self.sites)):
-            problems.append(f"sites must be distinct site names, got {self.sites!r}")
+        problems += run_problems(self)
         if (
             isinstance(self.sites, list)
             and isinstance(self.min_clients, int)
@@ -239,12 +194,6 @@ class ScatterGatherOperator(BaseOperator):
                 CentralDPSettings.from_dict(self.central_dp)
             except ValueError as exc:
                 problems.append(str(exc))
-        if self.snapshot_uri and not is_template(self.snapshot_uri) and not self.snapshot_uri.startswith(SNAPSHOT_SCHEMES):
-            problems.append(f"snapshot_uri must be s3://bucket/prefix or file:///path, got {self.snapshot_uri!r}")
-        if isinstance(self.connect_grace, bool) or not isinstance(self.connect_grace, (int, float)) or self.connect_grace < 0:
-            problems.append(f"connect_grace must be a number of seconds >= 0, got {self.connect_grace!r}")
-        if isinstance(self.poll_interval, bool) or not isinstance(self.poll_interval, (int, float)) or self.poll_interval <= 0:
-            problems.append(f"poll_interval must be a number of seconds > 0, got {self.poll_interval!r}")
         problems += selection_problems(self)
         if problems:
             raise ValueError(f"{type(self).__name__} {self.task_id!r}: " + "; ".join(problems))
