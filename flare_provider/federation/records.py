@@ -254,10 +254,14 @@ def read_history(history: Any) -> list[RoundRecord]:
 
 
 def weighted_metrics(per_site: Mapping[str, SiteRound | Mapping[str, Any]]) -> dict[str, float]:
-    """Sample-weighted mean of each metric over the sites that reported it."""
+    """Sample-weighted mean of each metric over the sites that reported it.
+
+    Summed in site-name order, not arrival order: the same reports give the same bits.
+    """
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
-    for report in per_site.values():
+    for site in sorted(per_site):
+        report = per_site[site]
         report = report if isinstance(report, SiteRound) else SiteRound.from_dict({"status": "", **report})
         for name, value in report.metrics.items():
             sums[name] = sums.get(name, 0.0) + report.num_samples * value
