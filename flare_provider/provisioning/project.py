@@ -26,14 +26,8 @@ DEFAULT_CONNECT = "outbound"
 OVERSEER_NOTE = "Airflow's scheduler plays the overseer's part (retries and failover)"
 
 # Admin roles as NVIDIA FLARE names them, with the aliases its versions used.
-ADMIN_ROLES = {
-    "project_admin": "project_admin",
-    "proj_admin": "project_admin",
-    "super": "project_admin",
-    "org_admin": "org_admin",
-    "lead": "lead",
-    "member": "member",
-}
+ADMIN_ROLES = {"project_admin": "project_admin", "proj_admin": "project_admin", "super": "project_admin",
+               "org_admin": "org_admin", "lead": "lead", "member": "member"}
 
 # A name becomes a certificate CN (at most 64 characters) and a folder name.
 # \Z, not $: "$" also matches before a final newline, which must not reach a file name.
@@ -45,12 +39,9 @@ _MAX_GPUS = 1024  # more GPU ids than any machine has: a typo, not a site
 
 # Builders whose job this project does; any other builder path is reported as ignored.
 HONOURED_BUILDERS = {
-    "WorkspaceBuilder": "workspace layout (prod_NN, state/)",
-    "TemplateBuilder": "kit templates",
-    "StaticFileBuilder": "kit configuration and scripts",
-    "CertBuilder": "certificates",
-    "SignatureBuilder": "startup kit signatures",
-    "DistributionBuilder": "kit zip packages",
+    "WorkspaceBuilder": "workspace layout (prod_NN, state/)", "TemplateBuilder": "kit templates",
+    "StaticFileBuilder": "kit configuration and scripts", "CertBuilder": "certificates",
+    "SignatureBuilder": "startup kit signatures", "DistributionBuilder": "kit zip packages",
 }
 
 # client_components / server_components are YAML anchor holders in NVIDIA FLARE's
