@@ -17,6 +17,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from flare_provider.federation.cyclic_plan import ON_FAILURE, ORDERS
 from flare_provider.operators.arguments import is_template, rendered_mapping, run_problems, selection_problems
+from flare_provider.operators.deferral import defer_step, taken_up
 
 if TYPE_CHECKING:
     from flare_provider.federation.cyclic import CyclicRun
@@ -182,34 +183,18 @@ class CyclicOperator(BaseOperator):
 
     def execute_complete(self, context: Any, event: dict[str, Any], flight: dict[str, Any] | None = None) -> dict[str, Any]:
         """Back from the trigger: finish the hop it watched, then defer for the next one or finish."""
-        from flare_provider.federation.records import InFlight
-
-        # As for ScatterGatherOperator: without the deferral's kwargs (dag.test() of Airflow
-        # 3.3.2 and earlier), the hop is rebuilt from what the trigger watched.
-        taken_up = InFlight.from_dict(flight) if flight is not None else InFlight.from_watched(event)
         with self._build_run(context) as run:
-            return self._next_hop_or_finish(run, run.resume_hop(taken_up, event))
+            return self._next_hop_or_finish(run, run.resume_hop(taken_up(flight, event), event))
 
     def _next_hop_or_finish(self, run: "CyclicRun", progress: "Progress") -> dict[str, Any]:
         """Deferrable mode: send the next hop and hand its waiting to the triggerer."""
-        from flare_provider.triggers.round import RoundTrigger
-
         while not run.finished(progress):
             flight = run.send(progress)
             if not flight.active_tasks:  # the site did not take it: stop or skip, here and now
                 progress = run.finish_hop(progress, flight, {})
                 continue
             run.in_flight = None  # the trigger watches it now; this process lets go
-            self.defer(
-                trigger=RoundTrigger(
-                    flare_conn_id=self.flare_conn_id,
-                    task_ids=flight.active_tasks,
-                    rule=run.rule(flight).to_dict(),
-                    poll_interval=run.spec.status_poll_interval,
-                ),
-                method_name="execute_complete",
-                kwargs={"flight": flight.to_dict()},
-            )
+            defer_step(self, self.flare_conn_id, flight, run.rule(flight).to_dict(), run.spec.status_poll_interval)
         return self._finish(run, progress)
 
     def _finish(self, run: "CyclicRun", progress: "Progress") -> dict[str, Any]:

@@ -16,6 +16,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from flare_provider.aggregation.names import BUILTIN_AGGREGATORS
 from flare_provider.operators.arguments import is_template, rendered_mapping, run_problems, selection_problems
+from flare_provider.operators.deferral import defer_step, taken_up
 
 if TYPE_CHECKING:
     from flare_provider.federation.records import Progress
@@ -261,34 +262,16 @@ class ScatterGatherOperator(BaseOperator):
 
     def execute_complete(self, context: Any, event: dict[str, Any], flight: dict[str, Any] | None = None) -> dict[str, Any]:
         """Back from the trigger: finish the round it watched, then defer for the next one or finish."""
-        from flare_provider.federation.records import InFlight
-
-        # ``flight`` is what execute() deferred with. dag.test() of Airflow 3.3.2 and earlier
-        # drops a deferral's kwargs when the trigger fires (apache/airflow#69942); the round
-        # is then rebuilt from what the trigger watched, without the reasons of sites
-        # dropped at scatter.
-        taken_up = InFlight.from_dict(flight) if flight is not None else InFlight.from_watched(event)
         with self._build_run(context) as run:
-            return self._next_round_or_finish(run, run.resume_round(taken_up, event))
+            return self._next_round_or_finish(run, run.resume_round(taken_up(flight, event), event))
 
     def _next_round_or_finish(self, run: "ScatterGatherRun", progress: "Progress") -> dict[str, Any]:
         """Deferrable mode: scatter the next round and hand the waiting to the triggerer."""
-        from flare_provider.triggers.round import RoundTrigger
-
         if run.finished(progress):
             return self._finish(run, progress)
         flight = run.scatter(progress)
         run.in_flight = None  # the trigger watches it now; this process lets go
-        self.defer(
-            trigger=RoundTrigger(
-                flare_conn_id=self.flare_conn_id,
-                task_ids=flight.active_tasks,
-                rule=run.rule(flight).to_dict(),
-                poll_interval=run.spec.status_poll_interval,
-            ),
-            method_name="execute_complete",
-            kwargs={"flight": flight.to_dict()},
-        )
+        defer_step(self, self.flare_conn_id, flight, run.rule(flight).to_dict(), run.spec.status_poll_interval)
 
     def _finish(self, run: "ScatterGatherRun", progress: "Progress") -> dict[str, Any]:
         spec = run.spec
