@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-__all__ = ["EvalResult", "TaskContext", "TrainResult", "Trainer", "Weights"]
+__all__ = ["DataSummary", "EvalResult", "TaskContext", "TrainResult", "Trainer", "Weights"]
 
 Weights = Mapping[str, Any]
 """Model weights by name: numpy arrays or torch tensors."""
@@ -50,6 +50,10 @@ class TaskContext:
     # this site's folder for the run (and app): kept across rounds and agent restarts; None
     # when the server names no run. Created by whoever writes to it first.
     state_dir: Path | None = None
+    # PyTorch distributed: this process's rank among the task's ranks (one per GPU, or per
+    # process on CPU, as the task asked); rank 0 is the one whose result leaves the site.
+    rank: int = 0
+    world_size: int = 1
     _reporter: Callable[[float, dict[str, float]], None] | None = field(default=None, repr=False)
 
     def report(self, progress: float, **metrics: float) -> None:
@@ -68,6 +72,17 @@ class TrainResult:
     num_samples: int  # samples trained on: the weight of this site in FedAvg
     metrics: dict[str, float] = field(default_factory=dict)
     is_difference: bool = False  # True when ``weights`` hold (local - global)
+
+
+@dataclass
+class DataSummary:
+    """What ``describe`` returns: the size and shape of a site's data, without training.
+
+    ``schema`` is JSON-like (e.g. ``{"features": [...], "labels": [...]}``); the server can
+    require every site's to agree before a run trains."""
+
+    num_samples: int
+    schema: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
