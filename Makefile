@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv test clean proto demo bench fuzz
+.PHONY: venv test clean proto demo bench fuzz mlflow-server
 
 venv: $(STAMP)
 
@@ -16,8 +16,18 @@ $(STAMP): pyproject.toml constraints/test.txt scripts/system-deps.sh
 	$(BIN)/pip install --quiet -c constraints/test.txt -e ".[airflow,agent,test]"
 	touch $(STAMP)
 
-test: venv
+test: venv mlflow-server
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The MLflow tracking server the tracking tests start: a virtualenv of its own (MLflow's pins
+# conflict with Airflow 3's; the provider talks to the server over its REST API).
+MLFLOW_VENV := $(VENV)/mlflow-server
+mlflow-server: $(MLFLOW_VENV)/.installed-stamp
+
+$(MLFLOW_VENV)/.installed-stamp: constraints/mlflow-server.txt
+	$(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install --quiet -r constraints/mlflow-server.txt
+	touch $@
 
 demo: venv  # a local federation trained by a real Airflow; Ctrl-C stops it (see scripts/demo.py)
 	$(BIN)/python scripts/demo.py

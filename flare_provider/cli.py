@@ -1,12 +1,21 @@
-"""The ``flare`` command: provisioning and startup kits, without Airflow.
+"""The ``flare`` command: provisioning, startup kits and operating a federation, without Airflow.
 
-    flare provision -p project.yml -w WORKSPACE [--add-site NAME] [--password [PW]]
+    flare provision -p project.yml -w WORKSPACE [--add-site NAME] [--password [PW]] [--sample PATH]
     flare kit verify DIR [--root-fingerprint SHA256]
     flare kit unpack PACKAGE [-d DEST] [--password PW]
     flare kit import-connection SERVER_KIT [--overwrite] [--root-fingerprint SHA256]
     flare status --kit KIT [--timeout SECONDS]
+    flare abort SITE TASK_ID | --run RUN --federation NAME [SITE]  [--kit ADMIN_KIT]
+    flare shutdown SITE [--yes] [--kit ADMIN_KIT]
+    flare runs list --store URI | flare runs download RUN [--round N] [-o DIR] --store URI
+    flare model export MODEL | --store URI --run RUN [--round N]  -o model.pt
+    flare poc prepare -n N [-w WORKSPACE] | flare poc start | stop | clean [-w WORKSPACE]
     flare relay start --kit DIR [--host H] [--port N] [--root-fingerprint SHA256]
+    flare approve [APP --version DIGEST [--reject]] --kit SITE_KIT [--list]
     flare simulate APP_DIR -w WORKSPACE -n SITES -r ROUNDS [--data DIR] [-t THREADS] [--gpus auto|none|0,1]
+
+Admin commands (status, abort, shutdown) take their kit from ``--kit`` or ``$FLARE_KIT``
+(the proof-of-concept workspace's ``admin.sh`` sets it); the agents decide by its role.
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .admin import add_parsers as add_admin_parsers
+from .admin.site_commands import KIT_ENV
+from .poc.command import add_parser as add_poc_parser
 from .provisioning import (
     GENERATE,
     KitVerificationError,
@@ -47,6 +59,19 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
+    from .admin.sample_project import SampleExists, offer_sample, write_sample
+
+    if args.sample:
+        try:
+            print(f"Wrote a commented sample project to {write_sample(args.sample)}: edit it, then flare provision -p {args.sample}")
+        except SampleExists as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args.project_file is None:  # no -p: project.yml here, or the offer of a sample
+        if not Path("project.yml").is_file():
+            return offer_sample(Path("project.yml"))
+        args.project_file = "project.yml"
     project = load_project(args.project_file)
     for warning in project.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -213,12 +238,20 @@ def cmd_relay_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_approve(args: argparse.Namespace) -> int:
+    from site_agent.consent.command import run  # the site's side: loaded only when run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flare", description="Federated learning on Apache Airflow")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("provision", help="write signed startup kits from a project.yml")
-    p.add_argument("-p", "--project-file", default="project.yml", help="NVIDIA FLARE style project.yml")
+    p.add_argument("-p", "--project-file", help="NVIDIA FLARE style project.yml (default: ./project.yml; "
+                   "without one, a sample is offered)")
+    p.add_argument("--sample", metavar="PATH", help="write a commented sample project.yml to PATH and stop")
     p.add_argument("-w", "--workspace", default="workspace", help="workspace folder (kits go to WORKSPACE/<project>/prod_NN)")
     p.add_argument("--add-site", action="append", metavar="NAME", help="issue only this client site (repeatable); others keep their kits")
     p.add_argument(
@@ -249,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_import_connection)
 
     st = sub.add_parser("status", help="show every site's agent: reachable or not, version, GPUs, apps, tasks")
-    st.add_argument("--kit", required=True, help="a server or admin kit folder")
+    st.add_argument("--kit", default=os.environ.get(KIT_ENV), required=KIT_ENV not in os.environ,
+                    help=f"a server or admin kit folder (default: ${KIT_ENV})")
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each site (default 5)")
     st.set_defaults(func=cmd_status)
 
@@ -266,6 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
     from .simulator.command import add_parser as add_simulate_parser  # argparse only; the simulator loads when run
 
     add_simulate_parser(sub)
+    add_admin_parsers(sub)  # abort, shutdown, runs, model
+    add_poc_parser(sub)
+
+    ap = sub.add_parser("approve", help="at a site: list app versions held for approval, approve or reject one",
+                        description="Approve (or reject) an app version whose custom code this site holds until "
+                        "approved (local/site.yaml custom_code.require_approval). Shows the version's files first.")
+    ap.add_argument("app", nargs="?", help="the app's name")
+    ap.add_argument("--version", help="the version digest (as --list shows it; a unique prefix of 12+ digits will do)")
+    ap.add_argument("--kit", required=True, help="this site's kit folder (its local/site.yaml names the agent's work folder)")
+    ap.add_argument("--list", action="store_true", help="list every deployed version with custom code and how it stands")
+    ap.add_argument("--reject", action="store_true", help="reject the version instead: it never runs here")
+    ap.add_argument("--by", help="who decides, for the record (default: your login name)")
+    ap.add_argument("--note", default="", help="a note kept with the decision")
+    ap.set_defaults(func=cmd_approve)
     return parser
 
 

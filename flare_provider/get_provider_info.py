@@ -26,9 +26,16 @@ def get_provider_info() -> dict:
             }
         ],
         "sensors": [{"integration-name": INTEGRATION, "python-modules": ["flare_provider.sensors.sites_ready"]}],
-        "hooks": [{"integration-name": INTEGRATION, "python-modules": ["flare_provider.hooks.flare"]}],
-        "triggers": [{"integration-name": INTEGRATION, "python-modules": ["flare_provider.triggers.round"]}],
+        "hooks": [{"integration-name": INTEGRATION, "python-modules": ["flare_provider.hooks.flare",
+                                                                 "flare_provider.tracking.hook"]}],
+        "triggers": [{"integration-name": INTEGRATION, "python-modules": ["flare_provider.triggers.round",
+                                                                    "flare_provider.triggers.data_version"]}],
         "connection-types": [
+            {
+                "connection-type": "mlflow",
+                "hook-class-name": "flare_provider.tracking.hook.MlflowTrackingHook",
+                "hook-name": "MLflow tracking server",
+            },
             {
                 "connection-type": "flare",
                 "hook-class-name": "flare_provider.hooks.flare.FlareHook",

@@ -1,7 +1,8 @@
 """``make demo``: a local federation trained by a real Airflow, from nothing to a model.
 
-1. provisions a project with three sites (``flare_provider.poc``), each with a skewed
-   share of the digits data, and starts their agents on loopback (mutual TLS);
+1. provisions a project with three sites (``flare_provider.poc``, as ``flare poc prepare``
+   does: ``federation/`` holds its ``admin.sh``), each with a skewed share of the digits
+   data, and starts their agents on loopback (mutual TLS);
 2. starts Airflow (api-server, scheduler, dag-processor, triggerer) with its own home in
    the work folder: SQLite, LocalExecutor, the repository's ``dags/``, the Federation page from the installed package,
    snapshots on local disk and a fixed login;
@@ -52,6 +53,7 @@ from flare_provider.poc import LocalFederation, free_port, prepare
 from flare_provider.poc.airflow_api import AirflowApiError
 from flare_provider.poc.local_airflow import LocalAirflow, airflow_env, simple_auth
 from flare_provider.poc.processes import ProcessError
+from flare_provider.poc.workspace import write_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 APP_DIR = REPO / "examples" / "apps" / "digits"
@@ -385,6 +387,7 @@ def main() -> int:
     try:
         step(f"Provisioning project {PROJECT!r} with {NUM_SITES} sites (non-IID digits data) in {settings.work} ...")
         fed = prepare(settings.work / "federation", PROJECT, NUM_SITES, digits_data=True, connect="outbound")
+        admin_script = write_manifest(fed).root / "admin.sh"  # the folder is a `flare poc` workspace too
         relays = ", ".join(f"{name} on 127.0.0.1:{port}" for name, port in fed.relay_ports.items())
         step(f"Starting the relay ({relays}) and the site agents, which dial out to it and open no port "
              "(mutual TLS end to end) ...")
@@ -395,7 +398,7 @@ def main() -> int:
         start_airflow(settings, airflow, fed)
         wait_for_airflow(settings, airflow)
         step(f"Airflow is up at {airflow.api.base_url} (login {USER} / {settings.password}); "
-             f"connection {fed.conn_id} imported")
+             f"connection {fed.conn_id} imported; admin console: {admin_script} status")
 
         summary = run_training(settings, fed, airflow)
         report(summary, settings)

@@ -7,6 +7,7 @@ site's decisions, not the federation's.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +17,16 @@ import yaml
 
 from flare_provider.provisioning.kits import LOCAL, SITE_SETTINGS
 
+from .consent.policy import ConsentConfigError, CustomCodePolicy, parse_custom_code
 from .errors import SettingsError
 from .privacy import PrivacyConfigError, PrivacyPolicy, parse_policy
+from .runtime.metric_series import MetricsPolicy, parse_metrics_policy
 
 _REQUIRED = ("data_dir", "work_dir")
 _KNOWN = {"data_dir", "work_dir", "gpus", "allow_custom_code", "max_concurrent_cpu_tasks", "preload_modules", "connect",
-          "proxy", "relay_data", "privacy", "share_local_model"}
+          "proxy", "relay_data", "privacy", "share_local_model", "data_version"}
+_KNOWN |= {"metrics"}  # docs/tracking.md: which training-curve metrics leave the site, how many points
+_KNOWN |= {"custom_code", "python"}  # docs/apps.md, "What a site accepts"
 CONNECT_MODES = ("outbound", "listen")
 RELAY_DATA_MODES = ("plain", "tls")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")  # \Z: no final newline
@@ -50,6 +55,21 @@ class SiteSettings:
     # whether the server may keep this site's last local model and send it to the other
     # sites for cross-site evaluation (docs/cross_site_eval.md); off by default
     share_local_model: bool = False
+    # which apps' custom code runs here (allow-list, signers, approval); from custom_code or
+    # allow_custom_code (docs/apps.md, "What a site accepts")
+    custom_code: CustomCodePolicy = CustomCodePolicy()
+    # the interpreter workers run in (a prepared environment with the apps' requirements);
+    # None: the agent's own
+    python: Path | None = None
+    # the version of the site's data as the site states it (docs/assets.md); None: the agent
+    # reports a digest of the data folder's listing instead
+    data_version: str | None = None
+    # which reported metrics travel with a task's state, and how thinned (docs/tracking.md)
+    metrics: MetricsPolicy = MetricsPolicy()
+
+    def __post_init__(self) -> None:
+        if self.allow_custom_code and not self.custom_code.may_run_any:  # settings built without custom_code
+            object.__setattr__(self, "custom_code", CustomCodePolicy(allow_all=True))
 
 
 def site_settings_path(kit_dir: Path) -> Path:
@@ -100,7 +120,24 @@ def parse_site_settings(doc: Any, base_dir: Path, source: str = "site.yaml") -> 
         relay_data=_choice(doc.get("relay_data", "plain"), RELAY_DATA_MODES, "relay_data", source),
         privacy=_privacy(doc.get("privacy"), source),
         share_local_model=_bool(doc.get("share_local_model", False), "share_local_model", source),
+        custom_code=_custom_code(doc.get("custom_code"), doc.get("allow_custom_code", False), source),
+        python=_python(doc.get("python"), base_dir, source),
+        data_version=data_version_setting(doc, source),
+        metrics=parse_metrics_policy(doc.get("metrics"), source),
     )
+
+
+def data_version_setting(doc: Any, source: str = "site.yaml") -> str | None:
+    """``data_version`` of a parsed ``site.yaml``: text (a number is taken as its text), or None."""
+    value = doc.get("data_version") if isinstance(doc, dict) else None
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise SettingsError(f"{source}: 'data_version' must be text such as '2026-03' or a number, found {value!r}")
+    text = str(value).strip()
+    if not text or len(text) > 200 or any(ord(c) < 32 for c in text):
+        raise SettingsError(f"{source}: 'data_version' must be one line of at most 200 characters, found {value!r}")
+    return text
 
 
 def _path(value: Any, base_dir: Path, field: str, source: str) -> Path:
@@ -158,6 +195,27 @@ def _privacy(value: Any, source: str) -> PrivacyPolicy:
         return parse_policy(value, f"{source}: privacy")
     except PrivacyConfigError as exc:
         raise SettingsError(str(exc)) from None
+
+
+def _custom_code(value: Any, allow_custom_code: Any, source: str) -> CustomCodePolicy:
+    try:
+        return parse_custom_code(value, allow_custom_code is True, source)
+    except ConsentConfigError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _python(value: Any, base_dir: Path, source: str) -> Path | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or "\x00" in value:
+        raise SettingsError(f"{source}: 'python' must be the path of a Python interpreter, found {value!r}")
+    # not resolved: a virtual environment's bin/python is a link, and its target is another environment
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else Path(base_dir) / path
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise SettingsError(f"{source}: 'python' must name a Python interpreter to run tasks with "
+                            f"(e.g. /opt/venv/bin/python); {path} is not an executable file")
+    return path
 
 
 def _bool(value: Any, field: str, source: str) -> bool:

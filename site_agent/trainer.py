@@ -11,10 +11,16 @@ trainer and calls one method:
     trained on, and metrics.
 ``evaluate(weights, ctx) -> EvalResult``  (optional)
     Validation metrics of the given (global) weights on this site's data.
+``describe(ctx) -> DataSummary``  (optional)
+    The size and schema of this site's data, without training: the server may compare
+    every site's before a run trains (``check_data``). Keep it cheap, and let the schema
+    hold what must agree across sites (feature shapes, column names and types), not
+    what may differ (label counts).
 
 ``ctx`` (:class:`TaskContext`) says which round this is, the round's config, where
 the site's data is, which device to use and where to write scratch files; its
-``report(progress, **metrics)`` streams progress to the agent and on to Airflow.
+``report(progress, step=None, **metrics)`` streams progress and a point of the training
+curve (thinned at the site, see ``docs/tracking.md``) to the agent and on to Airflow.
 
 Everything the trainer returns is checked before it leaves the site: a NaN or
 infinite value, a missing or extra tensor, or a changed shape fails the task.
@@ -40,7 +46,7 @@ class TaskContext:
     task_id: str
     site: str
     round: int
-    kind: str  # "train", "evaluate" or "initialize"
+    kind: str  # "train", "evaluate", "initialize" or "describe"
     config: dict[str, Any]  # this round's settings from the server (lr, epochs, fedprox_mu...)
     data_dir: Path  # the site's data folder (site.yaml: data_dir)
     work_dir: Path  # scratch folder of this task; the agent removes it once the server has the result
@@ -54,14 +60,26 @@ class TaskContext:
     # process on CPU, as the task asked); rank 0 is the one whose result leaves the site.
     rank: int = 0
     world_size: int = 1
-    _reporter: Callable[[float, dict[str, float]], None] | None = field(default=None, repr=False)
+    # (progress, metrics, step) -> None: where reports go (the agent's pipe in a task)
+    _reporter: Callable[[float, dict[str, float], int], None] | None = field(default=None, repr=False)
+    _last_step: int | None = field(default=None, repr=False)
 
-    def report(self, progress: float, **metrics: float) -> None:
-        """Tell the agent how far the task is (0..1) and its latest metrics (numbers)."""
+    def report(self, progress: float, step: int | None = None, **metrics: float) -> None:
+        """Tell the agent how far the task is (0..1) and its latest metrics (numbers).
+
+        ``step`` places the metrics on the task's training curve (a batch or epoch
+        number, whole and >= 0); by default a report is one step after the one before
+        (the first is step 0).
+        """
         values = {name: as_number(value, f"metric {name!r}") for name, value in metrics.items()}
         progress = min(1.0, max(0.0, as_number(progress, "progress")))
+        if step is None:
+            step = 0 if self._last_step is None else self._last_step + 1
+        elif isinstance(step, bool) or not hasattr(step, "__index__") or step.__index__() < 0:
+            raise TypeError(f"step must be a whole number >= 0, got {step!r}")
+        self._last_step = step = step.__index__()
         if self._reporter is not None:
-            self._reporter(progress, values)
+            self._reporter(progress, values, step)
 
 
 @dataclass
@@ -116,6 +134,9 @@ class Trainer:
 
     def evaluate(self, weights: Weights, ctx: TaskContext) -> EvalResult:
         raise NotImplementedError(f"{type(self).__name__} does not implement evaluate()")
+
+    def describe(self, ctx: TaskContext) -> DataSummary:
+        raise NotImplementedError(f"{type(self).__name__} does not implement describe(): the app cannot take part in a data check")
 
     # Optional: ``initial_weights(self) -> Weights``, the app's starting model, used for
     # tasks of kind "initialize" when a run is given no initial model.

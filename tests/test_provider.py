@@ -54,7 +54,7 @@ def test_provision_operator_in_a_real_dag_run(run_dag, xcom, tmp_path, sample_pr
     )
     assert dag_run.state == "success"
     summary = xcom(dag_run, "provision")
-    assert summary["prod_dir"] == str(workspace / "hospital_federation" / "prod_01")
+    assert summary["prod_dir"] == str(workspace / "hospital_federation" / "prod_00")
     assert set(summary["kits"]) == {"airflow-server", "hospital-a", "hospital-b", "hospital-c",
                                     "admin@lead-lab.example", "it@hospital-a.example"}
     for kit in summary["kits"].values():

@@ -28,10 +28,20 @@ class AppVersion:
     version: str
     has_custom_code: bool
     deployed_at: float
+    # how the site stands on running it: "allowed", "pending" (held for approval at the site),
+    # "refused", "rejected"; "" from an agent that does not say (allowed)
+    consent_status: str = ""
+    consent_reason: str = ""
+    missing_requirements: tuple[str, ...] = ()  # app.yaml requirements the site's environment lacks
+
+    @property
+    def runnable(self) -> bool:
+        return self.consent_status in ("", "allowed") and not self.missing_requirements
 
     @classmethod
     def from_message(cls, m: agent_pb2.AppInfo) -> "AppVersion":
-        return cls(m.name, m.version, m.has_custom_code, m.deployed_at)
+        return cls(m.name, m.version, m.has_custom_code, m.deployed_at, m.consent_status, m.consent_reason,
+                   tuple(m.missing_requirements))
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,11 @@ class AgentStatus:
     started_at: float
     caller: dict[str, str]  # how the agent identified us: name, org, kind, role
     attachments: list[RelayAttachment] = field(default_factory=list)  # empty for a site that listens
+    # the site's data: site.yaml's data_version or a digest of its data folder's listing
+    data_version: str = ""
+    data_version_source: str = ""  # "site.yaml", "listing" or "" (none)
+    data_version_seen_at: float = 0.0  # when the agent first saw this version
+    custom_code_policy: str = ""  # whose custom code the site runs, in words
 
     @classmethod
     def from_message(cls, m: agent_pb2.AgentStatus) -> "AgentStatus":
@@ -80,6 +95,10 @@ class AgentStatus:
             started_at=m.started_at,
             caller={"name": m.caller.name, "org": m.caller.org, "kind": m.caller.kind, "role": m.caller.role},
             attachments=[RelayAttachment.from_message(a) for a in m.attachments],
+            data_version=m.data_version,
+            data_version_source=m.data_version_source,
+            data_version_seen_at=m.data_version_seen_at,
+            custom_code_policy=m.custom_code_policy,
         )
 
 

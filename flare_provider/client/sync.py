@@ -153,6 +153,7 @@ class AgentClient(AgentCaller):
         config: dict[str, Any] | None = None,
         app_version: str | None = None,
         num_gpus: int | None = None,
+        num_processes: int | None = None,
     ) -> tuple[TaskState, bool]:
         """Start a task with the global ``weights`` (safetensors bytes or file).
 
@@ -181,6 +182,8 @@ class AgentClient(AgentCaller):
                 header.app_version = app_version
             if num_gpus is not None:
                 header.num_gpus = num_gpus
+            if num_processes is not None:
+                header.num_processes = num_processes
             messages = send_payload(agent_pb2.SubmitTaskRequest, header, weights, self.chunk_size, size, offset, sha256)
             probe = self._upload_probe(task_id, size, sha256)
             try:

@@ -47,6 +47,7 @@ class TaskOrder:
     config: Mapping[str, Any] = field(default_factory=dict)
     app_version: str | None = None
     num_gpus: int | None = None
+    num_processes: int | None = None  # ranks of a task on CPU (see SubmitTaskHeader.num_processes)
 
 
 def for_each_site(fn: Callable[[str], Any], sites: Iterable[str]) -> dict[str, Any]:
@@ -139,6 +140,7 @@ class SiteCommunicator:
                     config=dict(order.config),
                     app_version=order.app_version,
                     num_gpus=order.num_gpus,
+                    num_processes=order.num_processes,
                 )
             except AgentError as exc:
                 if exc.code.name != "UNAVAILABLE" or time.monotonic() > deadline:

@@ -30,6 +30,7 @@ from typing import Any
 from ..aggregation import ModelSpec, UpdateRejected, validate_update
 from ..client import AgentClient, CallerKit
 from ..snapshots import SnapshotStore
+from ..tracking.tracker import MlflowSettings, RunTracking
 from ..wire.task_state import TaskState
 from ..wire.tensors import RESULT_KIND_KEY, TensorFile, TensorFormatError, describe_file, load_file, save_file
 from .checkpoints import RunCheckpoints
@@ -64,6 +65,7 @@ class CyclicRun:
         client_factory: Callable[[str], AgentClient] | None = None,
         logger: logging.Logger | None = None,
         extra_state: Mapping[str, Any] | None = None,
+        mlflow: MlflowSettings | None = None,
     ):
         unknown = [s for s in spec.sites if s not in kit.sites]
         if unknown:
@@ -82,6 +84,7 @@ class CyclicRun:
             kit, self._work, connect_grace=spec.connect_grace, client_factory=client_factory, logger=self.log
         )
         self.in_flight: InFlight | None = None
+        self.tracking = RunTracking(spec, store, self.log, mlflow, extra_state)  # each hop's curves (docs/tracking.md)
 
     def close(self) -> None:
         self.sites.close()
@@ -130,6 +133,7 @@ class CyclicRun:
             return self._progress(0, weights, [], uri)
         snapshot, weights = restored
         round_number, _ = self.hop(max(snapshot.round, 1))
+        self.tracking.resume(snapshot.round)
         self.log.info("Resuming cyclic run %s of %s after committed hop %d/%d (round %d, %s)",
                       spec.run_id, spec.federation, snapshot.round, self.num_hops, round_number, snapshot.uri)
         return self._progress(snapshot.round, weights, read_history(snapshot.state.get("history")), snapshot.uri)
@@ -148,7 +152,9 @@ class CyclicRun:
 
     def finalize(self, progress: Progress) -> str:
         """Mark the last hop as this run's final model (what warm starts pick up)."""
-        return self.checkpoints.finalize(progress.round)
+        uri = self.checkpoints.finalize(progress.round)
+        self.tracking.run_finished(progress.round)
+        return uri
 
     # ---- a hop ------------------------------------------------------------------------
 
@@ -164,6 +170,7 @@ class CyclicRun:
             spec.trainer_config(round_number, {"hop": number, "num_hops": self.num_hops}),
             spec.app_version,
             spec.num_gpus,
+            spec.num_processes,
         )
         now = time.time()
         flight = InFlight(number, {site: spec.task_id(number, site)}, now, now + spec.train_timeout)
@@ -241,6 +248,7 @@ class CyclicRun:
                 raise RoundFailed(f"hop {number}: no site trained in the last {skipped} hops (the last, {site!r}: {why})")
             model = Path(progress.weights.path)
         history = [*progress.history, record]
+        self.tracking.round_done(record, states)  # the hop's curves, before its commit
         uri = self.checkpoints.commit(number, model, history, flight.task_ids, _NO_AGGREGATOR, self._state())
         # Only now may the site forget its result: the hop is safe in the store.
         self.sites.acknowledge(flight, states)

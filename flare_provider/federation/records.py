@@ -22,6 +22,11 @@ from .errors import RoundFailed
 _OPERATIONAL = ("run_id", "connect_grace", "status_poll_interval")
 
 
+def run_key(federation: str, run_id: str) -> str:
+    """A run's name at the sites: every task id of the run starts with it (see ``RunSpec.task_id``)."""
+    return hashlib.sha256(f"{federation}\0{run_id}".encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """What a federated run does.
@@ -46,6 +51,8 @@ class RunSpec:
     round_configs: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
     app_version: str | None = None
     num_gpus: int | None = None
+    # ranks of a site task that runs on CPU (None: 1); a task on GPUs runs one rank per GPU
+    num_processes: int | None = None
     snapshot_every: int = 1
     connect_grace: float = 10.0
     status_poll_interval: float = 2.0
@@ -71,6 +78,10 @@ class RunSpec:
             problems.append(f"min_clients must be between 1 and the number of sites ({len(self.sites)}), got {self.min_clients}")
         if self.wait_time_after_min_received < 0 or self.train_timeout <= 0:
             problems.append("wait_time_after_min_received must be >= 0 and train_timeout > 0")
+        if self.num_processes is not None and (
+            isinstance(self.num_processes, bool) or not isinstance(self.num_processes, int) or self.num_processes < 1
+        ):
+            problems.append(f"num_processes must be a whole number >= 1 or None, got {self.num_processes!r}")
         if self.snapshot_every < 1:
             problems.append(f"snapshot_every must be at least 1, got {self.snapshot_every}")
         if self.connect_grace < 0 or self.status_poll_interval <= 0:
@@ -84,11 +95,13 @@ class RunSpec:
         doc["round_configs"] = {str(k): v for k, v in self.round_configs.items()}
         if not self.central_dp:  # runs without it keep the hash they had before it existed
             doc.pop("central_dp")
+        if self.num_processes is None:  # likewise
+            doc.pop("num_processes")
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property
     def run_key(self) -> str:
-        return hashlib.sha256(f"{self.federation}\0{self.run_id}".encode()).hexdigest()[:16]
+        return run_key(self.federation, self.run_id)
 
     def task_id(self, round_number: int, site: str, kind: str = "train") -> str:
         """The same (run, round, site) always gives the same id: a resubmit re-attaches."""

@@ -29,6 +29,7 @@ from ..aggregation import UpdateRejected, make_aggregator
 from ..aggregation.central_dp import CentralDP, with_central_dp
 from ..client import AgentClient, CallerKit
 from ..snapshots import SnapshotStore
+from ..tracking.tracker import MlflowSettings, RunTracking
 from ..wire.task_state import TaskState
 from ..wire.tensors import RESULT_KIND_KEY, RESULT_PRIVACY_KEY, TensorFile, TensorFormatError, describe_file, save_file
 from .checkpoints import RunCheckpoints
@@ -60,6 +61,7 @@ class ScatterGatherRun:
         round of the earlier run to start from.
     :param selection: how rounds are scored to keep the best one and stop early (see
         :class:`~flare_provider.federation.selection.SelectionRule`); default: neither.
+    :param mlflow: an MLflow tracking server that gets the run and a child run per site (docs/tracking.md).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class ScatterGatherRun:
         extra_state: Mapping[str, Any] | None = None,
         warm_start: str = "last",
         selection: SelectionRule | None = None,
+        mlflow: MlflowSettings | None = None,
     ):
         unknown = [s for s in spec.sites if s not in kit.sites]
         if unknown:
@@ -97,6 +100,7 @@ class ScatterGatherRun:
         # the last round's local models of the sites that allow sharing them (cross-site evaluation)
         self.local_models = SharedLocalModels(store, spec.federation, spec.run_id, self._work, self.log)
         self.in_flight: InFlight | None = None
+        self.tracking = RunTracking(spec, store, self.log, mlflow, extra_state)  # curves: store, TensorBoard, MLflow
 
     def close(self) -> None:
         self.aggregator.close()
@@ -138,12 +142,15 @@ class ScatterGatherRun:
         snapshot, weights = restored
         self.best = BestRound.from_state(self.selection, snapshot.state.get("best"))
         self.aggregator.load_state(self.store.load_server_state(snapshot), snapshot.state.get("aggregator", {}).get("meta", {}))
+        self.tracking.resume(snapshot.round)
         self.log.info("Resuming %s run %s after committed round %d (%s)", spec.federation, spec.run_id, snapshot.round, snapshot.uri)
         return Progress(snapshot.round, weights, read_history(snapshot.state.get("history")), snapshot.uri)
 
     def finalize(self, progress: Progress) -> str:
         """Mark the last round as this run's final model (what warm starts pick up)."""
-        return self.checkpoints.finalize(progress.round)
+        uri = self.checkpoints.finalize(progress.round)
+        self.tracking.run_finished(progress.round)
+        return uri
 
     def finished(self, progress: Progress) -> bool:
         """All rounds done, or stopped early for want of improvement."""
@@ -174,6 +181,7 @@ class ScatterGatherRun:
             spec.trainer_config(number, extra_config),
             spec.app_version,
             spec.num_gpus,
+            spec.num_processes,
         )
         now = time.time()
         flight = InFlight(number, {s: spec.task_id(number, s) for s in spec.sites}, now, now + spec.train_timeout)
@@ -278,6 +286,7 @@ class ScatterGatherRun:
         if isinstance(self.aggregator, CentralDP):
             record.privacy = dict(self.aggregator.round_privacy)
         improved = self._score(record, weights)
+        self.tracking.round_done(record, states)  # before the commit: a retried round writes the same files again
         # The run's last round: the local models the sites allowed to share go to the store before the commit.
         if flight.round >= self.spec.num_rounds or self.best.stopped_early:
             self.local_models.publish(flight.round, accepted, progress.weights)

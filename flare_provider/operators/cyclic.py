@@ -15,11 +15,15 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from flare_provider.assets import declare_model_outlet, record_model
 from flare_provider.federation.cyclic_plan import ON_FAILURE, ORDERS
+from flare_provider.federation.data_check import check_problems
 from flare_provider.operators.arguments import is_template, rendered_mapping, run_problems, selection_problems
 from flare_provider.operators.deferral import defer_step, taken_up
 
 if TYPE_CHECKING:
+    from airflow.sdk import Asset
+
     from flare_provider.federation.cyclic import CyclicRun
     from flare_provider.federation.records import Progress
 
@@ -46,12 +50,25 @@ class CyclicOperator(BaseOperator):
     :param federation: the name runs are filed under (default: the DAG id).
     :param train_config: config every trainer gets (lr, epochs, ...); ``round_configs``
         maps a round number to overrides for that round.
-    :param num_gpus: GPUs per site task (default: 1 where a site has GPUs).
+    :param num_gpus: GPUs per site task (default: 1 where a site has GPUs). More than one:
+        the task runs as that many ranks of PyTorch distributed, one GPU each (NCCL).
+    :param num_processes: ranks per site task where it runs on CPU (a site without GPUs, or
+        ``num_gpus=0``), with gloo; from 1 to the site's cores (default 1). See
+        ``docs/apps.md``, "Several GPUs or processes at a site".
     :param evaluate: after the last hop, every site evaluates the final model.
     :param deferrable: wait for each hop in the triggerer, freeing the worker slot.
     :param poll_interval: seconds between two status polls by the trigger (deferrable mode).
     :param connect_grace: seconds a site may be unreachable when its hop is sent.
     :param flare_conn_id: the federation's ``flare`` connection (the server kit).
+    :param mlflow_conn_id: an ``mlflow`` connection (a tracking server): the DAG run becomes an
+        MLflow run with a child run per site, its metrics and the final model (``docs/tracking.md``).
+    :param check_data: before the first round, every site summarizes its data (the trainer's
+        ``describe``) and the run stops, nothing trained, naming the sites that fail
+        ``{"schema": "equal", "min_samples": 100}`` (optional ``"timeout"`` in seconds);
+        checked once per run (see ``docs/apps.md``).
+    :param model_asset: the Asset of the global model, the task's outlet: each finished run
+        emits an event with its run, round, digest and metrics (default:
+        ``flare_provider.assets.model_asset(federation, snapshot_uri)``; docs/assets.md).
 
     Returns (to XCom): the snapshot URI, rounds and hops done, the hops skipped and why, the
     final metrics. Never weights.
@@ -59,7 +76,7 @@ class CyclicOperator(BaseOperator):
 
     template_fields: Sequence[str] = (
         "app_name", "num_rounds", "sites", "order", "seed", "train_timeout", "initial_model",
-        "snapshot_uri", "federation", "train_config", "round_configs", "num_gpus",
+        "snapshot_uri", "federation", "train_config", "round_configs", "num_gpus", "num_processes",
     )
     template_fields_renderers = {"train_config": "json", "round_configs": "json"}
     ui_color = "#d8f0d8"
@@ -82,11 +99,15 @@ class CyclicOperator(BaseOperator):
         train_config: Mapping[str, Any] | None = None,
         round_configs: Mapping[int, Mapping[str, Any]] | None = None,
         num_gpus: int | None = None,
+        num_processes: int | None = None,
         evaluate: bool = True,
         deferrable: bool = False,
         poll_interval: float = 2.0,
         connect_grace: float = 10.0,
         flare_conn_id: str = "flare_default",
+        mlflow_conn_id: str | None = None,
+        check_data: Mapping[str, Any] | None = None,
+        model_asset: "Asset | None" = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -105,13 +126,18 @@ class CyclicOperator(BaseOperator):
         self.train_config = train_config if is_template(train_config) else dict(train_config or {})
         self.round_configs = round_configs if is_template(round_configs) else dict(round_configs or {})
         self.num_gpus = num_gpus
+        self.num_processes = num_processes
         self.evaluate = evaluate
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.connect_grace = connect_grace
         self.flare_conn_id = flare_conn_id
+        self.mlflow_conn_id = mlflow_conn_id
+        self.check_data = dict(check_data or {})
         self._run: CyclicRun | None = None
         self._check_arguments()
+        # the global model as an outlet Asset (docs/assets.md); None where it cannot be named yet
+        self.model_asset = declare_model_outlet(self, model_asset)
 
     def _check_arguments(self) -> None:
         """Catch what is wrong at DAG parse time, without importing anything heavy."""
@@ -129,6 +155,7 @@ class CyclicOperator(BaseOperator):
         if not is_template(timeout) and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             problems.append(f"train_timeout must be a number of seconds > 0, got {timeout!r}")
         problems += run_problems(self)
+        problems += check_problems(self.check_data)
         problems += selection_problems(self)
         if problems:
             raise ValueError(f"{type(self).__name__} {self.task_id!r}: " + "; ".join(problems))
@@ -139,6 +166,7 @@ class CyclicOperator(BaseOperator):
         from flare_provider.federation.records import RunSpec
         from flare_provider.hooks.flare import FlareConnectionError, FlareHook
         from flare_provider.hooks.snapshots import SnapshotStoreHook
+        from flare_provider.tracking.hook import mlflow_settings
 
         try:
             kit = FlareHook(self.flare_conn_id).get_kit()
@@ -156,6 +184,7 @@ class CyclicOperator(BaseOperator):
                 train_config=rendered_mapping(self.train_config, "train_config"),
                 round_configs={int(k): v for k, v in rendered_mapping(self.round_configs, "round_configs").items()},
                 num_gpus=self.num_gpus,
+                num_processes=None if self.num_processes is None else int(self.num_processes),
                 connect_grace=float(self.connect_grace),
                 status_poll_interval=float(self.poll_interval),
             )
@@ -168,14 +197,25 @@ class CyclicOperator(BaseOperator):
                 warm_start=self.warm_start,
                 logger=self.log,
                 extra_state={"airflow": {"dag_id": self.dag_id, "task_id": self.task_id, "run_id": context["run_id"]}},
+                mlflow=mlflow_settings(self.mlflow_conn_id),  # docs/tracking.md
             )
         except (ValueError, FlareConnectionError) as exc:
             # Wrong arguments or connection: a retry cannot fix it, and no site was contacted.
             raise AirflowFailException(str(exc)) from exc
         return self._run
 
+    def _check_site_data(self, run: Any) -> None:
+        """``check_data``: every site's data summary, once per run, before anything trains."""
+        from flare_provider.federation.data_check import DataCheckFailed, ensure_data_checked
+
+        try:
+            ensure_data_checked(run, self.check_data, self.log)
+        except DataCheckFailed as exc:
+            raise AirflowFailException(str(exc)) from exc
+
     def execute(self, context: Any) -> dict[str, Any]:
         with self._build_run(context) as run:
+            self._check_site_data(run)
             progress = run.restore()
             if self.deferrable:
                 return self._next_hop_or_finish(run, progress)
@@ -215,8 +255,19 @@ class CyclicOperator(BaseOperator):
             result["evaluation"] = evaluation
             self.log.info("Final evaluation: global %s; per site %s", evaluation["global"],
                           {s: r.get("metrics", r.get("error")) for s, r in evaluation["sites"].items()})
+        record_model(self, run, result)
         self.log.info("Cyclic run of %s finished %d hops; model at %s", spec.federation, progress.round, result["model_uri"])
         return result
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        from flare_provider.lineage import facets_on_start
+
+        return facets_on_start(self)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        from flare_provider.lineage import facets_on_complete
+
+        return facets_on_complete(self)
 
     def on_kill(self) -> None:
         """Marked failed or cleared in the UI: stop the site's training of the hop in flight."""

@@ -12,6 +12,19 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 ALL_SITES = "@ALL"
 
 
+_REFUSED_MARK = "will not run it"
+
+
+def _not_runnable(app: Any) -> str:
+    """Why a site took an app version but will not run it (its reason, and what would change that)."""
+    what = f"app {app.name!r} version {app.version}"
+    if app.consent_status == "pending":
+        return f"{what} is held until approved at the site: {app.consent_reason}"
+    if app.consent_status not in ("", "allowed"):
+        return f"{what}: the site {_REFUSED_MARK}: {app.consent_reason}"
+    return f"{what}: the site {_REFUSED_MARK}, its environment lacks {', '.join(app.missing_requirements)}"
+
+
 class DeployAppOperator(BaseOperator):
     """Bundle ``app_dir``, sign it, and deploy it to the sites in parallel.
 
@@ -22,7 +35,10 @@ class DeployAppOperator(BaseOperator):
     :param flare_conn_id: the federation's ``flare`` connection.
 
     Deploying content a site has already is a no-op there. Returns
-    ``{site: {app: version}}``; fails naming every site that did not take its apps.
+    ``{site: {app: version}}``; fails naming every site that did not take its apps, or
+    will not run them, with the site's reason: custom code it does not allow, a version
+    held until an operator there approves it (``flare approve``; a retry of this task
+    then succeeds), requirements its environment lacks (docs/apps.md).
     """
 
     template_fields: Sequence[str] = ("app_dir", "sites", "deploy_map")
@@ -79,7 +95,9 @@ class DeployAppOperator(BaseOperator):
             with hook.get_client(site) as client:
                 for folder in plan[site]:
                     app, new = client.deploy_app(bundles[folder])
-                    self.log.info("%s: %s@%s %s", site, app.name, app.version[:12], "deployed" if new else "already there")
+                    self.log.info("%s: %s@%s %s", site, app.name, app.version, "deployed" if new else "already there")
+                    if not app.runnable:
+                        raise AirflowException(_not_runnable(app))
                     deployed[app.name] = app.version
             return deployed
 
@@ -95,5 +113,8 @@ class DeployAppOperator(BaseOperator):
                 failures[site] = str(exc)
                 self.log.error("%s: deployment failed: %s", site, exc)
         if failures:
+            if all(_REFUSED_MARK in reason for reason in failures.values()):  # only the sites' settings can change that
+                raise AirflowFailException(
+                    f"deployment refused on {len(failures)} of {len(plan)} sites: " + "; ".join(f"{s}: {e}" for s, e in failures.items()))
             raise AirflowException(f"deployment failed on {len(failures)} of {len(plan)} sites: " + "; ".join(f"{s}: {e}" for s, e in failures.items()))
         return results

@@ -15,10 +15,14 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from flare_provider.aggregation.names import BUILTIN_AGGREGATORS
+from flare_provider.assets import declare_model_outlet, record_model
+from flare_provider.federation.data_check import check_problems
 from flare_provider.operators.arguments import is_template, rendered_mapping, run_problems, selection_problems
 from flare_provider.operators.deferral import defer_step, taken_up
 
 if TYPE_CHECKING:
+    from airflow.sdk import Asset
+
     from flare_provider.federation.records import Progress
     from flare_provider.federation.scatter_gather import ScatterGatherRun
 
@@ -48,7 +52,11 @@ class ScatterGatherOperator(BaseOperator):
     :param federation: the name runs are filed under (default: the DAG id).
     :param train_config: config every trainer gets each round (lr, epochs, ...);
         ``round_configs`` maps a round number to overrides for that round.
-    :param num_gpus: GPUs per site task (default: 1 where a site has GPUs).
+    :param num_gpus: GPUs per site task (default: 1 where a site has GPUs). More than one:
+        the task runs as that many ranks of PyTorch distributed, one GPU each (NCCL).
+    :param num_processes: ranks per site task where it runs on CPU (a site without GPUs, or
+        ``num_gpus=0``), with gloo; from 1 to the site's cores (default 1). See
+        ``docs/apps.md``, "Several GPUs or processes at a site".
     :param snapshot_every: commit every N rounds (the last round always); must be 1 when
         deferrable, since the snapshot carries the run from one deferral to the next.
     :param evaluate: after the last round, every site evaluates the final model.
@@ -58,6 +66,12 @@ class ScatterGatherOperator(BaseOperator):
     :param connect_grace: seconds a site may be unreachable when a round's task is sent to
         it (an agent restarting, a network blip) before it is dropped from that round.
     :param flare_conn_id: the federation's ``flare`` connection (the server kit).
+    :param mlflow_conn_id: an ``mlflow`` connection (a tracking server): the DAG run becomes an
+        MLflow run with a child run per site, its metrics and the final model (``docs/tracking.md``).
+    :param check_data: before the first round, every site summarizes its data (the trainer's
+        ``describe``) and the run stops, nothing trained, naming the sites that fail
+        ``{"schema": "equal", "min_samples": 100}`` (optional ``"timeout"`` in seconds);
+        checked once per run (see ``docs/apps.md``).
     :param best_metric: keep the round whose global model scores best on this metric of
         the sites' evaluation (``accuracy``, ``loss`` for the built-in trainer; weighted by
         the sites' sample counts): after each round every site evaluates the new global
@@ -68,6 +82,9 @@ class ScatterGatherOperator(BaseOperator):
         ``"last"`` round or its ``"best"`` one.
     :param output_model: ``"last"`` or ``"best"``: the model ``model_uri`` names and the
         final evaluation scores (both are returned under ``last`` and ``best``).
+    :param model_asset: the Asset of the global model, the task's outlet: each finished run
+        emits an event with its run, round, digest and metrics (default:
+        ``flare_provider.assets.model_asset(federation, snapshot_uri)``; docs/assets.md).
 
     Returns (to XCom): the snapshot URI, rounds done and the final metrics, the last and
     the best round. Never weights.
@@ -88,6 +105,7 @@ class ScatterGatherOperator(BaseOperator):
         "train_config",
         "round_configs",
         "num_gpus",
+        "num_processes",
         "best_metric",
         "early_stop_rounds",
     )
@@ -113,17 +131,21 @@ class ScatterGatherOperator(BaseOperator):
         train_config: Mapping[str, Any] | None = None,
         round_configs: Mapping[int, Mapping[str, Any]] | None = None,
         num_gpus: int | None = None,
+        num_processes: int | None = None,
         snapshot_every: int = 1,
         evaluate: bool = True,
         deferrable: bool = False,
         poll_interval: float = 2.0,
         connect_grace: float = 10.0,
         flare_conn_id: str = "flare_default",
+        mlflow_conn_id: str | None = None,
+        check_data: Mapping[str, Any] | None = None,
         best_metric: str | None = None,
         best_mode: str = "max",
         early_stop_rounds: int | str | None = None,
         warm_start: str = "last",
         output_model: str = "last",
+        model_asset: "Asset | None" = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -144,12 +166,15 @@ class ScatterGatherOperator(BaseOperator):
         self.train_config = train_config if is_template(train_config) else dict(train_config or {})
         self.round_configs = round_configs if is_template(round_configs) else dict(round_configs or {})
         self.num_gpus = num_gpus
+        self.num_processes = num_processes
         self.snapshot_every = snapshot_every
         self.evaluate = evaluate
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.connect_grace = connect_grace
         self.flare_conn_id = flare_conn_id
+        self.mlflow_conn_id = mlflow_conn_id
+        self.check_data = dict(check_data or {})
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.early_stop_rounds = early_stop_rounds
@@ -157,6 +182,8 @@ class ScatterGatherOperator(BaseOperator):
         self.output_model = output_model
         self._run: ScatterGatherRun | None = None
         self._check_arguments()
+        # the global model as an outlet Asset (docs/assets.md); None where it cannot be named yet
+        self.model_asset = declare_model_outlet(self, model_asset)
 
     def _check_arguments(self) -> None:
         """Catch what is wrong at DAG parse time, without importing anything heavy."""
@@ -177,6 +204,7 @@ class ScatterGatherOperator(BaseOperator):
         ):
             problems.append(f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(BUILTIN_AGGREGATORS)} or a class path")
         problems += run_problems(self)
+        problems += check_problems(self.check_data)
         if (
             isinstance(self.sites, list)
             and isinstance(self.min_clients, int)
@@ -208,6 +236,7 @@ class ScatterGatherOperator(BaseOperator):
         from flare_provider.federation.selection import SelectionRule
         from flare_provider.hooks.flare import FlareConnectionError, FlareHook
         from flare_provider.hooks.snapshots import SnapshotStoreHook
+        from flare_provider.tracking.hook import mlflow_settings
 
         try:
             kit = FlareHook(self.flare_conn_id).get_kit()
@@ -227,6 +256,7 @@ class ScatterGatherOperator(BaseOperator):
                 train_config=rendered_mapping(self.train_config, "train_config"),
                 round_configs={int(k): v for k, v in rendered_mapping(self.round_configs, "round_configs").items()},
                 num_gpus=self.num_gpus,
+                num_processes=None if self.num_processes is None else int(self.num_processes),
                 snapshot_every=self.snapshot_every,
                 connect_grace=float(self.connect_grace),
                 status_poll_interval=float(self.poll_interval),
@@ -245,6 +275,7 @@ class ScatterGatherOperator(BaseOperator):
                 extra_state={"airflow": {"dag_id": self.dag_id, "task_id": self.task_id, "run_id": context["run_id"]}},
                 warm_start=self.warm_start,
                 selection=selection,
+                mlflow=mlflow_settings(self.mlflow_conn_id),  # docs/tracking.md
             )
         except (ValueError, AggregatorConfigError, FlareConnectionError) as exc:
             # Wrong arguments or connection: a retry cannot fix it, and no site was contacted.
@@ -253,8 +284,18 @@ class ScatterGatherOperator(BaseOperator):
 
     # ---- execution --------------------------------------------------------------------
 
+    def _check_site_data(self, run: Any) -> None:
+        """``check_data``: every site's data summary, once per run, before anything trains."""
+        from flare_provider.federation.data_check import DataCheckFailed, ensure_data_checked
+
+        try:
+            ensure_data_checked(run, self.check_data, self.log)
+        except DataCheckFailed as exc:
+            raise AirflowFailException(str(exc)) from exc
+
     def execute(self, context: Any) -> dict[str, Any]:
         with self._build_run(context) as run:
+            self._check_site_data(run)
             progress = run.restore()
             if self.deferrable:
                 return self._next_round_or_finish(run, progress)
@@ -305,8 +346,19 @@ class ScatterGatherOperator(BaseOperator):
             result["evaluation"] = evaluation
             self.log.info("Final evaluation: global %s; per site %s", evaluation["global"],
                           {s: r.get("metrics", r.get("error")) for s, r in evaluation["sites"].items()})
+        record_model(self, run, result)
         self.log.info("Federation %s finished %d rounds; model at %s", spec.federation, progress.round, result["model_uri"])
         return result
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        from flare_provider.lineage import facets_on_start
+
+        return facets_on_start(self)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        from flare_provider.lineage import facets_on_complete
+
+        return facets_on_complete(self)
 
     def on_kill(self) -> None:
         """Marked failed or cleared in the UI: stop the sites' trainings of the round in flight."""

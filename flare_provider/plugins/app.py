@@ -35,12 +35,13 @@ from airflow.api_fastapi.auth.managers.models.resource_details import (
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_view
 from airflow.configuration import conf
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.exceptions import HTTPException
 
 from .charts import run_charts, site_colors
 from .dashboard import ConnectionView, RunView, connection_sites, read_runs, reason, utc
+from .live import REFRESH_SECONDS, rounds_in_progress
 
 SECTION = "flare"
 
@@ -75,6 +76,11 @@ def create_app() -> FastAPI:
         response_class=HTMLResponse,
         dependencies=[Depends(requires_access_view(AccessView.WEBSITE))],
     )
+    # The round in progress: the page's fragment, fetched again every few seconds, and its data.
+    app.add_api_route("/live", live_fragment, methods=["GET"], response_class=HTMLResponse,
+                      dependencies=[Depends(requires_access_view(AccessView.WEBSITE))])
+    app.add_api_route("/curves", live_curves, methods=["GET"], response_class=JSONResponse,
+                      dependencies=[Depends(requires_access_view(AccessView.WEBSITE))])
     return app
 
 
@@ -83,11 +89,7 @@ def federation_page(user: GetUserDep, federation: str | None = None, run: str | 
     settings = Settings.from_conf()
     auth = get_auth_manager()
     all_connections = _flare_connections(settings)
-    conn_ids = [
-        conn_id
-        for conn_id, team in all_connections
-        if auth.is_authorized_connection(method="GET", details=ConnectionDetails(conn_id=conn_id, team_name=team), user=user)
-    ]
+    conn_ids = _readable(user, all_connections)
     # The agents and the store answer at their own pace: ask them all at once.
     with ThreadPoolExecutor(max_workers=len(conn_ids) + 1) as pool:
         runs_future = pool.submit(_read_store, settings)
@@ -121,8 +123,43 @@ def federation_page(user: GetUserDep, federation: str | None = None, run: str | 
         run_link=_run_link,
         dag_run_link=_dag_run_link,
         dag_link=_dag_link,
+        **_live_context(connections),
     )
     return HTMLResponse(html)
+
+
+def _readable(user: Any, connections: list[tuple[str, str | None]]) -> list[str]:
+    """The ids of the ``flare`` connections ``user`` may read."""
+    auth = get_auth_manager()
+    return [
+        conn_id
+        for conn_id, team in connections
+        if auth.is_authorized_connection(method="GET", details=ConnectionDetails(conn_id=conn_id, team_name=team), user=user)
+    ]
+
+
+def _live_connections(user: Any) -> list[ConnectionView]:
+    settings = Settings.from_conf()
+    conn_ids = _readable(user, _flare_connections(settings))
+    with ThreadPoolExecutor(max_workers=len(conn_ids) + 1) as pool:
+        return list(pool.map(lambda c: connection_sites(c, settings.status_timeout), conn_ids))
+
+
+def _live_context(connections: list[ConnectionView]) -> dict[str, Any]:
+    live = rounds_in_progress(connections)
+    colors = site_colors(sorted({site for r in live for site in r.sites}))
+    return {"live_rounds": live, "live_colors": colors, "live_refresh": REFRESH_SECONDS}
+
+
+def live_fragment(user: GetUserDep) -> HTMLResponse:
+    """The page's "round in progress" section alone (what the page fetches to redraw it)."""
+    context = _live_context(_live_connections(user))
+    return HTMLResponse(_template("live_curves.html").render(now=utc(time.time()), **context))
+
+
+def live_curves(user: GetUserDep) -> JSONResponse:
+    """The rounds in progress as data: each site's status, progress and curve by metric."""
+    return JSONResponse({"rounds": [r.to_dict() for r in rounds_in_progress(_live_connections(user))]})
 
 
 # ---- reading ------------------------------------------------------------------------

@@ -33,13 +33,14 @@ class Series:
     color: str
     points: list[Point]
     is_global: bool = False
+    continuous: bool = False  # a curve by step (thinned points): drawn through, never broken
 
     @property
     def paths(self) -> list[str]:
         """SVG path data, broken where the series has no value for a round."""
         paths, current, last_round = [], [], None
         for p in self.points:
-            if current and last_round is not None and p.round != last_round + 1:
+            if current and last_round is not None and p.round != last_round + 1 and not self.continuous:
                 paths.append(current)
                 current = []
             current.append(p)
@@ -64,6 +65,7 @@ class Chart:
     bars: list[dict] = field(default_factory=list)
     x_ticks: list[Tick] = field(default_factory=list)
     y_ticks: list[Tick] = field(default_factory=list)
+    x_label: str = "round"  # what the x axis counts (and Point.round holds): "round" or "step"
 
     @property
     def plot(self) -> dict[str, float]:
@@ -136,6 +138,19 @@ def line_chart(
         chart.series.append(Series(site, site_colors.get(site, SITE_COLORS[0]), points))
     points = [Point(x(r), y(v), r, v) for r, v in sorted(global_values.items())]
     chart.series.append(Series("all sites (weighted)", "currentColor", points, is_global=True))
+    return chart
+
+
+def step_chart(title: str, site_values: Mapping[str, Sequence[tuple[int, float]]], site_colors: Mapping[str, str]) -> Chart:
+    """Metric ``title`` by step, one curve per site (a round in progress: what the sites reported so far)."""
+    chart = Chart(title, x_label="step")
+    steps = sorted({step for points in site_values.values() for step, _ in points})
+    if not steps:
+        return chart
+    x, y = _x_axis(steps, chart), _y_axis([v for points in site_values.values() for _, v in points], chart)
+    for site, points in sorted(site_values.items()):
+        drawn = [Point(x(step), y(v), step, v) for step, v in sorted(points)]
+        chart.series.append(Series(site, site_colors.get(site, SITE_COLORS[0]), drawn, continuous=True))
     return chart
 
 

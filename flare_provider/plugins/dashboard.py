@@ -117,7 +117,9 @@ def connection_sites(conn_id: str, timeout: float) -> ConnectionView:
                 ],
                 tasks=[
                     {"task_id": t.task_id, "kind": t.kind, "round": t.round, "status": t.status,
-                     "progress": t.progress, "app": t.app_name}
+                     "progress": t.progress, "app": t.app_name,
+                     # the training curve so far (the Federation page's "round in progress")
+                     "history": [{"step": p.step, "time": p.time, "values": dict(p.values)} for p in t.history]}
                     for t in status.active_tasks
                 ],
                 up_since=utc(status.started_at),

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,12 +156,15 @@ def prepare(
     seed: int = 0,
     connect: str = "listen",
     num_relays: int = 1,
+    admins: Mapping[str, tuple[str, str]] | None = None,
 ) -> LocalFederation:
     """Provision ``name`` with ``num_sites`` loopback sites under ``root``; with
     ``digits_data``, write each site's share of the digits data to its kit's ``data/``.
 
     ``connect="outbound"`` makes the sites dial out to ``num_relays`` relays (one per
-    server participant: ``airflow-server``, ``airflow-server-2``, ...).
+    server participant: ``airflow-server``, ``airflow-server-2``, ...). ``admins`` maps
+    admin names to (org, role); default: :data:`ADMIN`, a ``project_admin`` of org
+    ``lead``. Site ``site-N`` is of org ``org-site-N``.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -173,7 +177,8 @@ def prepare(
               for server, port in relay_ports.items()]
     lines += [f"  - {{name: {s}, type: client, org: org-{s}, agent_host: 127.0.0.1, agent_port: {ports[s]}, connect: {connect}}}"
               for s in sites]
-    lines.append(f"  - {{name: '{ADMIN}', type: admin, org: lead, role: project_admin}}")
+    for admin, (org, role) in (admins or {ADMIN: ("lead", "project_admin")}).items():
+        lines.append(f"  - {{name: '{admin}', type: admin, org: {org}, role: {role}}}")
     project_file = root / "project.yml"
     project_file.write_text("\n".join(lines) + "\n")
     result = provision(load_project(project_file), root / "workspace")

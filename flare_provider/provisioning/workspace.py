@@ -24,6 +24,7 @@ ROOT_CERT = "rootCA.pem"
 ROOT_KEY = "rootCA.key"
 _STATE_FORMAT = 1
 _PROD_RE = re.compile(r"^prod_(\d+)$")
+_NONE_ISSUED = -1  # last_prod of a workspace whose first prod_NN (prod_00) is still to come
 
 
 class WorkspaceStateError(Exception):
@@ -72,7 +73,7 @@ class Workspace:
             "format": _STATE_FORMAT,
             "project": self.project_name,
             "root_fingerprint": root.fingerprint,
-            "last_prod": 0,
+            "last_prod": _NONE_ISSUED,
             "participants": {},
         }
         try:
@@ -95,12 +96,18 @@ class Workspace:
         return self.project_dir / f"prod_{number:02d}"
 
     def next_prod_number(self, doc: dict) -> int:
+        """``prod_00`` for a workspace's first kits, as NVIDIA FLARE numbers them; then one
+        past both the recorded number and any ``prod_NN`` folder found (a workspace from
+        before the count began at 00 goes on from where it is)."""
         existing = [
             int(m.group(1))
             for p in (self.project_dir.iterdir() if self.project_dir.exists() else [])
             if (m := _PROD_RE.match(p.name))
         ]
-        return max([doc["last_prod"], *existing]) + 1
+        # Nothing issued yet (state written by a run that failed before it published, by
+        # this version or an older one that started from 0): no number is taken.
+        last = doc["last_prod"] if doc["participants"] else _NONE_ISSUED
+        return max([last, *existing]) + 1
 
     def load_identity(self, doc: dict, name: str, root: Identity) -> Identity:
         """A participant's current certificate and key, from the kit it was issued in."""

@@ -18,14 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..wire.bundles import (
-    APP_CONFIG,
-    AppConfig,
-    BundleError,
-    content_hash,
-    load_app_config,
-    trainer_is_custom,
-)
+from ..wire.app_config import APP_CONFIG, AppConfig, load_app_config, trainer_is_custom
+from ..wire.bundles import BundleError, content_hash
 from ..wire.bundles import (
     app_files as files_of_app,
 )

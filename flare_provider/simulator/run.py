@@ -23,7 +23,7 @@ from ..client import CallerKit, SiteEndpoint
 from ..federation.records import RoundRecord, RunSpec
 from ..federation.scatter_gather import ScatterGatherRun
 from ..snapshots import SnapshotStore
-from ..wire.bundles import CUSTOM_DIR
+from ..wire.app_config import CUSTOM_DIR
 from .options import SimulationError, SimulationPlan
 
 log = logging.getLogger("flare_provider.simulator")

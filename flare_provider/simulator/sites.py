@@ -279,10 +279,11 @@ class SimulatedClient:
         config: dict[str, Any] | None = None,
         app_version: str | None = None,
         num_gpus: int | None = None,
+        num_processes: int | None = None,
     ) -> tuple[TaskState, bool]:
         # The config crosses as JSON, as on the wire: the trainer sees lists where the caller had tuples.
         spec = TaskSpec(task_id=task_id, app_name=app_name, app_version=app_version, round=round, kind=kind,
-                        config=json.loads(json.dumps(config or {})), num_gpus=num_gpus, requested_by="simulator")
+                        config=json.loads(json.dumps(config or {})), num_gpus=num_gpus, num_processes=num_processes, requested_by="simulator")
         return self._call("SubmitTask", lambda: self.site.submit(spec, Path(weights)))
 
     def get_task(self, task_id: str) -> TaskState:

@@ -23,16 +23,22 @@ class PayloadEnd(_message.Message):
     def __init__(self, size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class AppInfo(_message.Message):
-    __slots__ = ("name", "version", "has_custom_code", "deployed_at")
+    __slots__ = ("name", "version", "has_custom_code", "deployed_at", "consent_status", "consent_reason", "missing_requirements")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HAS_CUSTOM_CODE_FIELD_NUMBER: _ClassVar[int]
     DEPLOYED_AT_FIELD_NUMBER: _ClassVar[int]
+    CONSENT_STATUS_FIELD_NUMBER: _ClassVar[int]
+    CONSENT_REASON_FIELD_NUMBER: _ClassVar[int]
+    MISSING_REQUIREMENTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     has_custom_code: bool
     deployed_at: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., has_custom_code: _Optional[bool] = ..., deployed_at: _Optional[float] = ...) -> None: ...
+    consent_status: str
+    consent_reason: str
+    missing_requirements: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., has_custom_code: _Optional[bool] = ..., deployed_at: _Optional[float] = ..., consent_status: _Optional[str] = ..., consent_reason: _Optional[str] = ..., missing_requirements: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeployAppHeader(_message.Message):
     __slots__ = ("payload_size",)
@@ -59,7 +65,7 @@ class DeployAppReply(_message.Message):
     def __init__(self, app: _Optional[_Union[AppInfo, _Mapping]] = ..., newly_deployed: _Optional[bool] = ...) -> None: ...
 
 class SubmitTaskHeader(_message.Message):
-    __slots__ = ("task_id", "app_name", "app_version", "round", "kind", "config_json", "num_gpus", "payload_size", "payload_sha256", "offset")
+    __slots__ = ("task_id", "app_name", "app_version", "round", "kind", "config_json", "num_gpus", "payload_size", "payload_sha256", "offset", "num_processes")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     APP_NAME_FIELD_NUMBER: _ClassVar[int]
     APP_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +76,7 @@ class SubmitTaskHeader(_message.Message):
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROCESSES_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     app_name: str
     app_version: str
@@ -80,7 +87,8 @@ class SubmitTaskHeader(_message.Message):
     payload_size: int
     payload_sha256: str
     offset: int
-    def __init__(self, task_id: _Optional[str] = ..., app_name: _Optional[str] = ..., app_version: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., config_json: _Optional[str] = ..., num_gpus: _Optional[int] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    num_processes: int
+    def __init__(self, task_id: _Optional[str] = ..., app_name: _Optional[str] = ..., app_version: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., config_json: _Optional[str] = ..., num_gpus: _Optional[int] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[str] = ..., offset: _Optional[int] = ..., num_processes: _Optional[int] = ...) -> None: ...
 
 class SubmitTaskRequest(_message.Message):
     __slots__ = ("header", "chunk", "end")
@@ -133,7 +141,7 @@ class WatchTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
 
 class TaskState(_message.Message):
-    __slots__ = ("task_id", "app_name", "app_version", "round", "kind", "status", "progress", "metrics", "error", "gpus", "num_samples", "result_available", "seq", "created_at", "started_at", "finished_at")
+    __slots__ = ("task_id", "app_name", "app_version", "round", "kind", "status", "progress", "metrics", "error", "gpus", "num_samples", "result_available", "seq", "created_at", "started_at", "finished_at", "summary_json", "history")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +165,8 @@ class TaskState(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_JSON_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     app_name: str
     app_version: str
@@ -173,7 +183,26 @@ class TaskState(_message.Message):
     created_at: float
     started_at: float
     finished_at: float
-    def __init__(self, task_id: _Optional[str] = ..., app_name: _Optional[str] = ..., app_version: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., status: _Optional[str] = ..., progress: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., num_samples: _Optional[int] = ..., result_available: _Optional[bool] = ..., seq: _Optional[int] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
+    summary_json: str
+    history: _containers.RepeatedCompositeFieldContainer[MetricPoint]
+    def __init__(self, task_id: _Optional[str] = ..., app_name: _Optional[str] = ..., app_version: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., status: _Optional[str] = ..., progress: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., num_samples: _Optional[int] = ..., result_available: _Optional[bool] = ..., seq: _Optional[int] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., summary_json: _Optional[str] = ..., history: _Optional[_Iterable[_Union[MetricPoint, _Mapping]]] = ...) -> None: ...
+
+class MetricPoint(_message.Message):
+    __slots__ = ("step", "time", "values")
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    time: float
+    values: _containers.ScalarMap[str, float]
+    def __init__(self, step: _Optional[int] = ..., time: _Optional[float] = ..., values: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class FetchResultRequest(_message.Message):
     __slots__ = ("task_id", "offset")
@@ -224,7 +253,7 @@ class Identity(_message.Message):
     def __init__(self, name: _Optional[str] = ..., org: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("project", "site", "org", "version", "gpus", "allow_custom_code", "apps", "active_tasks", "task_counts", "started_at", "caller", "attachments")
+    __slots__ = ("project", "site", "org", "version", "gpus", "allow_custom_code", "apps", "active_tasks", "task_counts", "started_at", "caller", "attachments", "data_version", "data_version_source", "data_version_seen_at", "custom_code_policy")
     class TaskCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +273,10 @@ class AgentStatus(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
     ATTACHMENTS_FIELD_NUMBER: _ClassVar[int]
+    DATA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_VERSION_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DATA_VERSION_SEEN_AT_FIELD_NUMBER: _ClassVar[int]
+    CUSTOM_CODE_POLICY_FIELD_NUMBER: _ClassVar[int]
     project: str
     site: str
     org: str
@@ -256,7 +289,11 @@ class AgentStatus(_message.Message):
     started_at: float
     caller: Identity
     attachments: _containers.RepeatedCompositeFieldContainer[RelayAttachment]
-    def __init__(self, project: _Optional[str] = ..., site: _Optional[str] = ..., org: _Optional[str] = ..., version: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., allow_custom_code: _Optional[bool] = ..., apps: _Optional[_Iterable[_Union[AppInfo, _Mapping]]] = ..., active_tasks: _Optional[_Iterable[_Union[TaskState, _Mapping]]] = ..., task_counts: _Optional[_Mapping[str, int]] = ..., started_at: _Optional[float] = ..., caller: _Optional[_Union[Identity, _Mapping]] = ..., attachments: _Optional[_Iterable[_Union[RelayAttachment, _Mapping]]] = ...) -> None: ...
+    data_version: str
+    data_version_source: str
+    data_version_seen_at: float
+    custom_code_policy: str
+    def __init__(self, project: _Optional[str] = ..., site: _Optional[str] = ..., org: _Optional[str] = ..., version: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., allow_custom_code: _Optional[bool] = ..., apps: _Optional[_Iterable[_Union[AppInfo, _Mapping]]] = ..., active_tasks: _Optional[_Iterable[_Union[TaskState, _Mapping]]] = ..., task_counts: _Optional[_Mapping[str, int]] = ..., started_at: _Optional[float] = ..., caller: _Optional[_Union[Identity, _Mapping]] = ..., attachments: _Optional[_Iterable[_Union[RelayAttachment, _Mapping]]] = ..., data_version: _Optional[str] = ..., data_version_source: _Optional[str] = ..., data_version_seen_at: _Optional[float] = ..., custom_code_policy: _Optional[str] = ...) -> None: ...
 
 class RelayAttachment(_message.Message):
     __slots__ = ("relay", "address", "connected_since", "last_ping", "attached", "error")

@@ -22,11 +22,9 @@ import json
 import re
 import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
-import yaml
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -34,36 +32,27 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..provisioning.certs import Identity, describe_certificate
 from ..safezip import ENTRY_READ_ERRORS, OPEN_ERRORS, ZipMember, safe_members
+from .app_config import (
+    APP_CONFIG,
+    APP_NAME_RE,
+    CUSTOM_DIR,
+    AppConfig,
+    BundleError,
+    load_app_config,
+    parse_app_config,
+    trainer_is_custom,
+)
 
 MANIFEST_FILE = "MANIFEST.json"
 SIGNATURE_FILE = "SIGNATURE.json"
 APP_PREFIX = "app"
-APP_CONFIG = "app.yaml"
-CUSTOM_DIR = "custom"
-BUILTIN_TRAINERS = "site_agent.trainers."
 DEFAULT_MAX_BUNDLE_BYTES = 256 << 20
 
 _MANIFEST_FORMAT = "flare-app-bundle/1"
 _SIGNATURE_FORMAT = "flare-app-signature/1"
 # \Z, not $: "$" also matches before a final newline, which must not reach a folder or module name.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _VERSION_RE = re.compile(r"^[0-9a-f]{64}\Z")
-_DOTTED_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+\Z")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same folder zips to the same entries
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be built or must not be deployed; nothing was written."""
-
-
-@dataclass(frozen=True)
-class AppConfig:
-    """An app's ``app.yaml``: which trainer runs and with what arguments."""
-
-    name: str
-    trainer_path: str  # "module.Class": a built-in trainer or one under custom/
-    trainer_args: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,72 +77,6 @@ class VerifiedBundle:
     config: AppConfig
     members: list[ZipMember]  # the app's files, entries under app/
     signer: str
-
-
-# ---- app.yaml --------------------------------------------------------------------
-
-
-def parse_app_config(text: str, source: str = APP_CONFIG) -> AppConfig:
-    """Validate ``app.yaml`` text; raises :class:`BundleError` naming the field."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise BundleError(f"{source}: not valid YAML: {exc}") from None
-    except RecursionError:
-        raise BundleError(f"{source}: not valid YAML: nested too deeply") from None
-    except ValueError as exc:  # e.g. an integer of thousands of digits
-        raise BundleError(f"{source}: not valid YAML: {exc}") from None
-    if not isinstance(doc, dict):
-        raise BundleError(f"{source}: expected a mapping with 'name' and 'trainer'")
-    name = doc.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise BundleError(f"{source}: 'name' must be 1-64 letters, digits, '.', '_' or '-', found {name!r}")
-    trainer = doc.get("trainer")
-    if not isinstance(trainer, dict):
-        raise BundleError(f"{source}: 'trainer' must be a mapping with 'path' (module.Class) and optional 'args'")
-    path = trainer.get("path")
-    if not isinstance(path, str) or not _DOTTED_RE.match(path):
-        raise BundleError(f"{source}: 'trainer.path' must be a dotted name such as module.Class, found {path!r}")
-    args = trainer.get("args") or {}
-    if not isinstance(args, dict):
-        raise BundleError(f"{source}: 'trainer.args' must be a mapping of keyword arguments")
-    description = doc.get("description") or ""
-    if not isinstance(description, str):
-        raise BundleError(f"{source}: 'description' must be text")
-    return AppConfig(name=name, trainer_path=path, trainer_args=args, description=description)
-
-
-def load_app_config(app_dir: Path) -> AppConfig:
-    path = Path(app_dir) / APP_CONFIG
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: cannot read the app's config: {exc}") from None
-    return parse_app_config(text, str(path))
-
-
-def custom_modules(files: dict[str, str] | list[str]) -> set[str]:
-    """Top-level module names that an app's ``custom/`` folder provides."""
-    names = set()
-    for rel in files:
-        parts = PurePosixPath(rel).parts
-        if len(parts) >= 2 and parts[0] == CUSTOM_DIR:
-            top = parts[1]
-            if len(parts) > 2 or top.endswith(".py"):
-                names.add(top.removesuffix(".py"))
-    return names
-
-
-def trainer_is_custom(config: AppConfig, files: dict[str, str] | list[str]) -> bool:
-    """Whether the trainer comes from the app's custom code; raises if it comes from nowhere allowed."""
-    if config.trainer_path.split(".", 1)[0] in custom_modules(files):
-        return True
-    if config.trainer_path.startswith(BUILTIN_TRAINERS):
-        return False
-    raise BundleError(
-        f"trainer {config.trainer_path!r} is neither a built-in trainer ({BUILTIN_TRAINERS}*) "
-        f"nor a module in the app's {CUSTOM_DIR}/ folder"
-    )
 
 
 # ---- building --------------------------------------------------------------------
@@ -231,7 +154,7 @@ def _parse_manifest(data: bytes, source: str) -> BundleManifest:
         name, version, files = doc["name"], doc["version"], doc["files"]
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise BundleError(f"{source}: {MANIFEST_FILE} is malformed ({exc})") from None
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not APP_NAME_RE.match(name):
         raise BundleError(f"{source}: {MANIFEST_FILE} has an invalid app name {name!r}")
     if not isinstance(files, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and _VERSION_RE.match(v) for k, v in files.items()

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flare_provider.files import atomic_file
+
+if TYPE_CHECKING:
+    from ..trainer import DataSummary
 
 NUM_CLASSES = 10
 MIN_SITE_SAMPLES = 20
@@ -109,3 +113,18 @@ def write_holdout(path: str | Path, seed: int = 0, holdout_fraction: float = 0.2
     path.parent.mkdir(parents=True, exist_ok=True)
     _save_npz(path, *holdout_set(seed, holdout_fraction))
     return path
+
+
+def summarize_split(data_dir: str | Path, file_name: str = "train.npz") -> DataSummary:
+    """A site's split as a ``describe`` task reports it: its size, and the layout of ``x`` and ``y``.
+
+    The schema holds what must agree across sites for them to train one model (the
+    feature shape, the label shape, their element types), not what may differ (how many
+    samples, which labels)."""
+    from ..trainer import DataSummary
+    from ..trainers.pytorch import load_split
+
+    x, y = load_split(Path(data_dir), file_name)
+    schema = {"x": {"shape": list(x.shape[1:]), "dtype": str(x.dtype)},
+              "y": {"shape": list(y.shape[1:]), "dtype": str(y.dtype)}}
+    return DataSummary(num_samples=len(x), schema=schema)

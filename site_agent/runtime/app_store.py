@@ -4,6 +4,7 @@ Layout under the store's root::
 
     <name>/<version>/app/...            the app's files, as signed
     <name>/<version>/deployment.json    when and what was deployed
+    <name>/<version>/consent.json       the site operator's approval or rejection (flare approve)
 
 A bundle is verified completely (signer, signature, every file's hash, safe paths)
 before anything is written, then unpacked into a hidden staging folder and renamed
@@ -24,12 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flare_provider.safezip import extract_members
+from flare_provider.wire.app_config import APP_NAME_RE, AppConfig, load_app_config
 from flare_provider.wire.bundles import (
     APP_PREFIX,
     DEFAULT_MAX_BUNDLE_BYTES,
-    AppConfig,
     BundleError,
-    load_app_config,
     open_bundle,
     server_name_set,
     verify_bundle,
@@ -39,9 +39,9 @@ from ..errors import UnknownAppError
 
 log = logging.getLogger(__name__)
 
+APPS_DIR = "apps"  # the store's folder in the agent's work folder
 DEPLOYMENT_FILE = "deployment.json"
 _STAGING_PREFIX = ".staging-"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: no final newline, as "$" would allow
 _VERSION_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 
@@ -54,9 +54,14 @@ class AppInfo:
     path: Path
     has_custom_code: bool
     deployed_at: float
+    signer: str = ""  # the server identity that signed the bundle
 
     def config(self) -> AppConfig:
         return load_app_config(self.path)
+
+    def file_sizes(self) -> dict[str, int]:
+        """The app's files (paths as in the bundle) and their sizes in bytes."""
+        return {p.relative_to(self.path).as_posix(): p.stat().st_size for p in sorted(self.path.rglob("*")) if p.is_file()}
 
 
 class AppStore:
@@ -113,6 +118,7 @@ class AppStore:
                         "has_custom_code": manifest.has_custom_code,
                         "signer": verified.signer,
                         "trainer": verified.config.trainer_path,
+                        "script": verified.config.script,
                         "files": manifest.files,
                     }
                     (staging / DEPLOYMENT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -125,7 +131,7 @@ class AppStore:
 
     def get(self, name: str, version: str | None = None) -> AppInfo:
         """The app ``name`` at ``version``, or its latest deployed version; :class:`UnknownAppError` if absent."""
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not APP_NAME_RE.match(name):
             raise UnknownAppError(f"no app named {name!r} is deployed here")
         if version is not None:
             if not isinstance(version, str) or not _VERSION_RE.match(version):
@@ -134,39 +140,51 @@ class AppStore:
             if not (folder / DEPLOYMENT_FILE).is_file():
                 raise UnknownAppError(f"app {name!r} has no version {version[:12]}... deployed here")
             return self._read_info(folder)
-        versions = self._versions(name)
+        versions = _versions(self.root, name)
         if not versions:
             raise UnknownAppError(f"no app named {name!r} is deployed here; deploy its bundle first")
         return max(versions, key=lambda info: info.deployed_at)
 
     def list(self) -> list[AppInfo]:
         """Every deployed app version, by name, oldest first."""
-        apps = []
-        for folder in sorted(self.root.iterdir()):
-            if folder.is_dir() and _NAME_RE.match(folder.name):
-                apps.extend(sorted(self._versions(folder.name), key=lambda info: info.deployed_at))
-        return apps
-
-    def _versions(self, name: str) -> list[AppInfo]:
-        folder = self.root / name
-        if not folder.is_dir():
-            return []
-        found = []
-        for version_dir in folder.iterdir():
-            if _VERSION_RE.match(version_dir.name) and (version_dir / DEPLOYMENT_FILE).is_file():
-                try:
-                    found.append(self._read_info(version_dir))
-                except (OSError, ValueError, KeyError) as exc:
-                    log.warning("skipping unreadable deployment %s: %s", version_dir, exc)
-        return found
+        return list_deployed(self.root)
 
     @staticmethod
     def _read_info(folder: Path) -> AppInfo:
-        record = json.loads((folder / DEPLOYMENT_FILE).read_text())
-        return AppInfo(
-            name=record["name"],
-            version=record["version"],
-            path=folder / APP_PREFIX,
-            has_custom_code=bool(record["has_custom_code"]),
-            deployed_at=float(record["deployed_at"]),
-        )
+        return _read_info(folder)
+
+
+def list_deployed(root: Path) -> list[AppInfo]:
+    """Every app version deployed in the store at ``root``, by name, oldest first; reads only
+    (``flare approve`` lists them while the agent runs)."""
+    apps = []
+    for folder in sorted(Path(root).iterdir()) if Path(root).is_dir() else ():
+        if folder.is_dir() and APP_NAME_RE.match(folder.name):
+            apps.extend(sorted(_versions(root, folder.name), key=lambda info: info.deployed_at))
+    return apps
+
+
+def _versions(root: Path, name: str) -> list[AppInfo]:
+    folder = Path(root) / name
+    if not folder.is_dir():
+        return []
+    found = []
+    for version_dir in folder.iterdir():
+        if _VERSION_RE.match(version_dir.name) and (version_dir / DEPLOYMENT_FILE).is_file():
+            try:
+                found.append(_read_info(version_dir))
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("skipping unreadable deployment %s: %s", version_dir, exc)
+    return found
+
+
+def _read_info(folder: Path) -> AppInfo:
+    record = json.loads((folder / DEPLOYMENT_FILE).read_text())
+    return AppInfo(
+        name=record["name"],
+        version=record["version"],
+        path=folder / APP_PREFIX,
+        has_custom_code=bool(record["has_custom_code"]),
+        deployed_at=float(record["deployed_at"]),
+        signer=str(record.get("signer", "")),
+    )

@@ -48,8 +48,9 @@ class LauncherError(RuntimeError):
 class WorkerLauncher:
     """The agent's side: starts the launcher process on first use and again if it dies. Thread-safe."""
 
-    def __init__(self, env: dict[str, str], cwd: Path, preload: tuple[str, ...] = ()):
+    def __init__(self, env: dict[str, str], cwd: Path, preload: tuple[str, ...] = (), python: str | Path | None = None):
         self._env = env
+        self._python = str(python or sys.executable)  # site.yaml python: a prepared environment for the apps
         self._cwd = cwd
         self._preload = preload
         self._lock = threading.Lock()  # one request at a time, so replies match requests
@@ -129,7 +130,7 @@ class WorkerLauncher:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "site_agent.runtime.launcher", str(theirs.fileno()), *self._preload],
+                [self._python, "-m", "site_agent.runtime.launcher", str(theirs.fileno()), *self._preload],
                 cwd=self._cwd, env=self._env, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
             )
         except OSError as exc:

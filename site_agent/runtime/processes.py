@@ -23,6 +23,8 @@ from flare_provider.wire.task_state import RUNNING
 
 from ..site_settings import SiteSettings
 from .launcher import LauncherError, WorkerLauncher
+from .metric_series import MetricSeries
+from .scheduler import task_world_size
 from .task_folder import write_json_atomic
 from .task_records import TaskRecord, TaskRecords
 
@@ -61,7 +63,8 @@ class WorkerProcesses:
         self._lock = lock
         self._on_exit = on_exit  # called under the lock with the worker's return code, once it is reaped
         # CPU-only settings: nothing the launcher preloads may touch a GPU before the fork.
-        self._launcher = WorkerLauncher(self._env([]), Path(settings.work_dir), settings.preload_modules)
+        self._launcher = WorkerLauncher(self._env([]), Path(settings.work_dir), settings.preload_modules,
+                                       settings.python)
 
     def start(self, task: TaskRecord, app_dir: Path, gpus: list[int]) -> None:
         """Start the task's worker on ``gpus`` and mark the task running; :class:`WorkerStartError` if it cannot start."""
@@ -86,7 +89,9 @@ class WorkerProcesses:
             target=self._follow, args=(task, pid, read_fd), name=f"task-{task.spec.task_id}", daemon=True
         )
         task.monitor.start()
-        log.info("task %s running in process %d on %s", task.spec.task_id, pid, f"GPU {gpus}" if gpus else "CPU")
+        world_size = task_world_size(gpus, task.spec.num_processes)
+        log.info("task %s running in process %d on %s%s", task.spec.task_id, pid, f"GPU {gpus}" if gpus else "CPU",
+                 f" as {world_size} ranks" if world_size > 1 else "")
 
     def signal(self, task: TaskRecord, sig: int) -> None:
         """Signal the worker's process group, unless the worker was already reaped (its id may be reused)."""
@@ -143,9 +148,12 @@ class WorkerProcesses:
             "kind": task.spec.kind,
             "config": task.spec.config,
             "app_dir": str(app_dir),
-            "allow_custom_code": self.settings.allow_custom_code,
+            # each version's custom code was judged against site.yaml before its worker starts (site_agent.consent)
+            "allow_custom_code": self.settings.custom_code.may_run_any,
             "data_dir": str(self.settings.data_dir),
             "gpus": gpus,
+            # ranks of PyTorch distributed (site_agent.worker.ranks): one per GPU, or num_processes on CPU
+            "world_size": task_world_size(gpus, task.spec.num_processes),
             "privacy": self.settings.privacy.to_dict(),  # the site's filters, the floor of any request
             "share_local_model": self.settings.share_local_model,  # site.yaml: may others evaluate its model
         }
@@ -207,9 +215,16 @@ class WorkerProcesses:
             if event == "progress":
                 metrics = message.get("metrics") or {}
                 clean = {str(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+                clean = self.settings.metrics.allowed(clean)  # site.yaml: which metrics may leave
                 progress = message.get("progress")
                 progress = float(progress) if isinstance(progress, (int, float)) else task.state.progress
-                self._records.change(task, progress=min(1.0, max(0.0, progress)), metrics={**task.state.metrics, **clean})
+                step = message.get("step")
+                if task.series is None:
+                    task.series = MetricSeries(self.settings.metrics)
+                if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+                    task.series.add(step, clean, time.time())
+                self._records.change(task, progress=min(1.0, max(0.0, progress)), metrics={**task.state.metrics, **clean},
+                                     history=task.series.points())
             elif event == "failed":
                 task.reported_error = str(message.get("error"))[:2000]
 

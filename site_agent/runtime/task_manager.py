@@ -23,6 +23,7 @@ from pathlib import Path
 
 from flare_provider.wire.task_state import ABORTED, FAILED, QUEUED, RUNNING, SUCCEEDED, TaskState
 
+from ..consent import check_task, judge
 from ..errors import InvalidTaskError, NoResultError, TaskRejected, UnknownAppError
 from ..site_settings import SiteSettings
 from ..worker.weights import WeightsError, tensor_layout
@@ -111,12 +112,9 @@ class TaskManager:
                 self.uploads.discard_task(spec.task_id)
                 return copy.deepcopy(existing.state), False
             app = self.apps.get(spec.app_name, spec.app_version)
-            if app.has_custom_code and not self.settings.allow_custom_code:
-                raise TaskRejected(
-                    f"app {app.name!r} brings custom code and site {self.site_name!r} does not allow it "
-                    "(allow_custom_code in local/site.yaml)"
-                )
+            check_task(self.settings, app, self.site_name)  # the site's consent to its code, its requirements met
             num_gpus = self._scheduler.gpus_needed(spec)
+            self._scheduler.ranks_needed(spec, num_gpus)
             try:
                 tensor_layout(Path(weights_file))
             except WeightsError as exc:
@@ -159,7 +157,7 @@ class TaskManager:
                 raise NoResultError(f"task {task_id} is {state.status}; it has no result yet")
             if state.status != SUCCEEDED:
                 raise NoResultError(f"task {task_id} {state.status}: {state.error}")
-            if state.kind == "evaluate":
+            if state.kind in ("evaluate", "describe"):
                 raise NoResultError(f"task {task_id} is an {state.kind} task: its metrics are in its state, it has no weights")
             if not state.result_available or not task.paths.result_weights.is_file():
                 raise NoResultError(f"the result of task {task_id} was already acknowledged and deleted")
@@ -215,6 +213,10 @@ class TaskManager:
             app = self.apps.get(task.state.app_name, task.state.app_version)
         except (UnknownAppError, OSError) as exc:
             self._start_failed(task, f"cannot prepare the task: {exc}")
+            return
+        consent = judge(self.settings.custom_code, app, self.site_name)  # rejected at the site since it queued?
+        if not consent.runnable:
+            self._start_failed(task, consent.reason)
             return
         try:
             self._processes.start(task, app.path, gpus)

@@ -25,6 +25,7 @@ from pathlib import Path
 from flare_provider.wire.task_state import FAILED, QUEUED, RUNNING, SUCCEEDED, TASK_KINDS, TaskState
 
 from ..errors import InvalidTaskError, UnknownTaskError
+from .metric_series import MetricSeries
 from .task_folder import STAGING_PREFIX, TaskPaths, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class TaskSpec:
     config: dict = field(default_factory=dict)  # per-round trainer config (JSON-able)
     num_gpus: int | None = None  # None: 1 when the site has GPUs, else 0
     requested_by: str = ""
+    num_processes: int | None = None  # ranks of a task on CPU (None: 1); a GPU task runs one rank per GPU
 
 
 def check_spec(spec: TaskSpec) -> None:
@@ -71,6 +73,8 @@ def check_spec(spec: TaskSpec) -> None:
         raise bad(f"config must be plain JSON data ({exc})") from None
     if spec.num_gpus is not None and not _is_count(spec.num_gpus):
         raise bad(f"num_gpus must be a whole number >= 0 or None, got {spec.num_gpus!r}")
+    if spec.num_processes is not None and not (_is_count(spec.num_processes) and spec.num_processes >= 1):
+        raise bad(f"num_processes must be a whole number >= 1 or None, got {spec.num_processes!r}")
 
 
 def _is_count(value: object) -> bool:
@@ -90,6 +94,7 @@ class TaskRecord:
     stop_reason: str | None = None  # set when the agent itself ends the worker
     reported_error: str | None = None
     monitor: threading.Thread | None = None
+    series: MetricSeries | None = None  # the task's training curve as it is thinned (its points are in state.history)
 
 
 # How a restart ends a worker that outlived the agent: (process id, task folder).
@@ -164,13 +169,15 @@ class TaskRecords:
         try:
             info = read_json(task.paths.result_info)
             kind, num_samples, metrics = info["kind"], int(info["num_samples"]), dict(info["metrics"])
+            summary_json = json.dumps(info["summary"], sort_keys=True) if "summary" in info else ""  # a describe task's
         except (OSError, ValueError, TypeError, KeyError) as exc:
             self.change(task, durable=True, status=FAILED, finished_at=time.time(),
                         error=f"the worker's result record is unreadable ({type(exc).__name__})")
             return
         has_weights = kind != "metrics" and task.paths.result_weights.is_file()
         self.change(task, durable=True, status=SUCCEEDED, progress=1.0, metrics=metrics,
-                    num_samples=num_samples, result_available=has_weights, finished_at=time.time(), error=None)
+                    num_samples=num_samples, result_available=has_weights, finished_at=time.time(), error=None,
+                    summary_json=summary_json)
 
     # ---- after a restart --------------------------------------------------------
 
@@ -190,7 +197,7 @@ class TaskRecords:
         try:
             doc = read_json(paths.state)
             task = TaskRecord(
-                TaskSpec(**doc["spec"]), TaskState(**doc["state"]), paths, int(doc["num_gpus"]), doc.get("pid")
+                TaskSpec(**doc["spec"]), TaskState.from_dict(doc["state"]), paths, int(doc["num_gpus"]), doc.get("pid")
             )
         except (OSError, ValueError, TypeError, KeyError) as exc:
             log.error("task folder %s has unreadable state: %s", folder, exc)

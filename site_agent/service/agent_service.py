@@ -38,6 +38,8 @@ from flare_provider.wire.chunks import (
 )
 from flare_provider.wire.task_state import QUEUED, RUNNING, TERMINAL_STATUSES
 
+from ..consent import app_standing
+from ..data_version import DataVersionProbe
 from ..errors import (
     BundleError,
     InvalidTaskError,
@@ -52,7 +54,7 @@ from ..runtime.app_store import AppInfo, AppStore
 from ..runtime.task_manager import TaskManager
 from ..runtime.task_records import TaskSpec
 from ..runtime.upload_staging import KeptUploadCorrupt, UploadConflict, UploadInterrupted, UploadKey
-from ..site_settings import SiteSettings
+from ..site_settings import SiteSettings, site_settings_path
 from .audit import AuditLog
 from .auth import Action, Policy, peer_identity
 
@@ -158,9 +160,11 @@ def _cut_when_cancelled(messages):
         raise PayloadTruncated("the caller's stream broke (call cancelled)") from None
 
 
-def app_info_message(info: AppInfo) -> agent_pb2.AppInfo:
+def app_info_message(info: AppInfo, standing: dict | None = None) -> agent_pb2.AppInfo:
+    """``standing``: how the site stands on running it (:func:`site_agent.consent.app_standing`)."""
     return agent_pb2.AppInfo(
-        name=info.name, version=info.version, has_custom_code=info.has_custom_code, deployed_at=info.deployed_at
+        name=info.name, version=info.version, has_custom_code=info.has_custom_code, deployed_at=info.deployed_at,
+        **(standing or {}),
     )
 
 
@@ -189,6 +193,8 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
         self.stopping = threading.Event()
         self._request_shutdown = request_shutdown
         self.attachments = attachments  # the outbound connector's states, for status callers
+        # site.yaml is read afresh for it: the kit folder is startup/'s parent
+        self.data_version = DataVersionProbe(site_settings_path(config.root_ca_file.parents[1]), settings.data_dir)
 
     # ---- the frame around every call -------------------------------------------------
 
@@ -225,6 +231,7 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
     def GetStatus(self, request, context, call):
         tasks = self.tasks.list()
         who = call.who
+        data = self.data_version.current()
         return agent_pb2.AgentStatus(
             project=self.config.project,
             site=self.config.site,
@@ -232,7 +239,8 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
             version=__version__,
             gpus=self.settings.gpus,
             allow_custom_code=self.settings.allow_custom_code,
-            apps=[app_info_message(info) for info in self.apps.list()],
+            apps=[app_info_message(info, app_standing(self.settings, info, self.config.site)) for info in self.apps.list()],
+            custom_code_policy=self.settings.custom_code.describe(),
             active_tasks=[t.to_message() for t in tasks if t.status in ACTIVE_STATUSES],
             task_counts=Counter(t.status for t in tasks),
             started_at=self.started_at,
@@ -242,6 +250,7 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
                                           last_ping=a.last_ping, attached=a.attached, error=a.error)
                 for a in self.attachments()
             ],
+            data_version=data.version, data_version_source=data.source, data_version_seen_at=data.seen_at,
         )
 
     # ---- apps --------------------------------------------------------------------------
@@ -258,7 +267,9 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
         finally:
             bundle.unlink(missing_ok=True)
         call.what["app"] = f"{info.name}@{info.version}"
-        return agent_pb2.DeployAppReply(app=app_info_message(info), newly_deployed=newly)
+        standing = app_standing(self.settings, info, self.config.site, with_requirements=True)
+        call.what["consent"] = standing["consent_status"]
+        return agent_pb2.DeployAppReply(app=app_info_message(info, standing), newly_deployed=newly)
 
     # ---- tasks -------------------------------------------------------------------------
 
@@ -327,6 +338,7 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
             kind=header.kind or "train",
             config=config,
             num_gpus=header.num_gpus if header.HasField("num_gpus") else None,
+            num_processes=header.num_processes if header.HasField("num_processes") else None,
             requested_by=who.name,
         )
 

@@ -28,7 +28,7 @@ from flare_provider.wire import agent_pb2_grpc
 from flare_provider.wire.chunks import MAX_MESSAGE_BYTES, PARTIAL_PREFIX
 
 from ..kit_config import ConfigError, load_agent_config
-from ..runtime.app_store import AppStore
+from ..runtime.app_store import APPS_DIR, AppStore
 from ..runtime.task_manager import TaskManager
 from ..site_settings import load_site_settings
 from .agent_service import AgentService, Limits
@@ -37,7 +37,6 @@ from .outbound import OutboundConnector
 
 log = logging.getLogger(__name__)
 
-APPS_DIR = "apps"
 LOCK_FILE = "agent.lock"
 SOCKET_RECORD = "agent.socket"  # in the work folder: where a dialling-out agent serves (health checks read it)
 

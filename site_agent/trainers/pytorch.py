@@ -26,6 +26,15 @@ When the global model comes with SCAFFOLD's server control
 variate (the ``scaffold`` aggregator), each SGD step is corrected by the site's control
 variate and the result carries its change (see :mod:`site_agent.trainers.scaffold`).
 Given the same inputs, training on CPU gives the same weights.
+
+A task that runs as several ranks (``ctx.world_size`` > 1: one per GPU, or several
+processes on CPU) trains one model with DistributedDataParallel: each epoch's shuffled
+order is the same at every rank, each global batch of ``batch_size`` samples is split
+between the ranks (rank r takes every world_size-th sample of it, from the r-th on), and
+the ranks' gradients are averaged so that each step equals the single-process step on the
+whole batch. ``batch_size`` must be a multiple of the number of ranks. The reported
+``num_samples`` and metrics are the site's whole, summed over the ranks. Batch-norm
+statistics are those of each rank's part of the batch.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from ..trainer import EvalResult, TaskContext, Trainer, TrainResult
+from ..trainer import DataSummary, EvalResult, TaskContext, Trainer, TrainResult
 from .scaffold import ScaffoldCorrection, split_server_control
 from .schedules import check_schedule, run_steps, scheduled_lr
 
@@ -160,10 +169,16 @@ class ClassifierTrainer(Trainer):
         weights, server_c = split_server_control(weights)
         if server_c and self.optimizer != "sgd":
             raise ValueError(f"SCAFFOLD corrects SGD steps; app.yaml sets optimizer {self.optimizer!r}")
+        world, rank = ctx.world_size, ctx.rank
+        if settings["batch_size"] % world:
+            raise ValueError(f"batch_size {settings['batch_size']} must be a multiple of the task's {world} ranks "
+                             "(each rank trains on batch_size / ranks samples of every batch)")
         if ctx.device == "cpu":
             torch.use_deterministic_algorithms(True)
         x, y = (torch.from_numpy(a).to(ctx.device) for a in load_split(ctx.data_dir, self.data["train"]))
         model = self._model(weights, ctx.device)
+        net = _data_parallel(model, ctx)  # the model itself when the task runs as one rank
+        loss_sum = nn.CrossEntropyLoss(reduction="sum")
         scaffold = ScaffoldCorrection(model, server_c, ctx.state_dir, ctx.round, settings["lr"]) if server_c else None
         global_params = [p.detach().clone() for p in model.parameters()]
         if self.optimizer == "adam":
@@ -182,9 +197,17 @@ class ClassifierTrainer(Trainer):
             total_loss, correct = 0.0, 0
             for start in range(0, n, batch_size):
                 batch = order[start : start + batch_size]
-                logits = model(x[batch])
-                loss = loss_fn(logits, y[batch])
-                total_loss += loss.item() * len(batch)
+                if world > 1:  # this rank's share; DDP averages the ranks' gradients,
+                    whole = len(batch)  # so each rank's loss is its sum over the whole batch's size, times world
+                    batch = batch[rank::world]
+                    logits = net(x[batch])
+                    summed = loss_sum(logits, y[batch])
+                    total_loss += summed.item()
+                    loss = summed * (world / whole)
+                else:
+                    logits = net(x[batch])
+                    loss = loss_fn(logits, y[batch])
+                    total_loss += loss.item() * len(batch)
                 correct += int((logits.argmax(1) == y[batch]).sum())
                 if mu > 0:  # FedProx: stay near the global model
                     drift = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params, strict=True))
@@ -198,6 +221,7 @@ class ClassifierTrainer(Trainer):
                     group["lr"] = step_lr
                 opt.step()
                 step += 1
+            total_loss, correct = _sum_over_ranks(ctx, total_loss, correct)
             ctx.report((epoch + 1) / epochs, train_loss=total_loss / n, train_accuracy=correct / n)
 
         metrics = {"train_loss": total_loss / n, "train_accuracy": correct / n}
@@ -206,13 +230,19 @@ class ClassifierTrainer(Trainer):
             metrics.update({"val_loss": val.metrics["loss"], "val_accuracy": val.metrics["accuracy"]})
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if scaffold is not None:
-            state.update(scaffold.finish())  # saves c_i+; the result carries dc = c_i+ - c_i
+            state.update(scaffold.finish(save=rank == 0))  # saves c_i+; the result carries dc = c_i+ - c_i
         return TrainResult(weights=state, num_samples=n, metrics=metrics)
 
     def evaluate(self, weights: dict[str, Any], ctx: TaskContext) -> EvalResult:
         if not weights:
             raise ValueError("evaluate needs global weights")
         return self._evaluate(self._model(weights, ctx.device), ctx)
+
+    def describe(self, ctx: TaskContext) -> DataSummary:
+        """The training split's size and layout, for a data check before a run (nothing trains)."""
+        from ..datasets.digits import summarize_split  # the x/y .npz layout this trainer reads
+
+        return summarize_split(ctx.data_dir, self.data["train"])
 
     def _has_test(self, ctx: TaskContext) -> bool:
         return bool(self.data.get("test")) and (Path(ctx.data_dir) / self.data["test"]).is_file()
@@ -221,7 +251,10 @@ class ClassifierTrainer(Trainer):
         import torch
         from torch import nn
 
-        x, y = (torch.from_numpy(a).to(ctx.device) for a in load_split(ctx.data_dir, self.data["test"]))
+        x, y = load_split(ctx.data_dir, self.data["test"])
+        n = len(y)
+        # each rank evaluates its share of the samples; the sums are added up over the ranks
+        x, y = (torch.from_numpy(a[ctx.rank :: ctx.world_size]).to(ctx.device) for a in (x, y))
         model.eval()
         total_loss, correct = 0.0, 0
         with torch.no_grad():
@@ -230,5 +263,28 @@ class ClassifierTrainer(Trainer):
                 target = y[start : start + _EVAL_BATCH]
                 total_loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
                 correct += int((logits.argmax(1) == target).sum())
-        n = len(y)
+        total_loss, correct = _sum_over_ranks(ctx, total_loss, correct)
         return EvalResult(metrics={"loss": total_loss / n, "accuracy": correct / n}, num_samples=n)
+
+
+def _data_parallel(model, ctx: TaskContext):
+    """``model`` wrapped in DistributedDataParallel when the task runs as several ranks, else itself."""
+    if ctx.world_size == 1:
+        return model
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = torch.device(ctx.device)
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _sum_over_ranks(ctx: TaskContext, *values: float) -> tuple[float, ...]:
+    """``values`` summed over the task's ranks (as they are when it runs as one)."""
+    if ctx.world_size == 1:
+        return values
+    import torch
+    import torch.distributed as dist
+
+    summed = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(summed)
+    return tuple(summed.tolist())

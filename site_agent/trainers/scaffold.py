@@ -165,8 +165,11 @@ class ScaffoldCorrection:
         self.steps += 1
         self.lr_sum += self.lr if step_lr is None else float(step_lr)
 
-    def finish(self) -> dict[str, Any]:
-        """Save ``c_i+`` for the next round; the ``scaffold.dc/`` tensors for the result."""
+    def finish(self, save: bool = True) -> dict[str, Any]:
+        """Save ``c_i+`` for the next round; the ``scaffold.dc/`` tensors for the result.
+
+        ``save=False``: the ``dc`` tensors only (the ranks of a task other than rank 0,
+        whose ``c_i+`` is the same as rank 0's, which saves it)."""
         import torch
 
         if self.steps == 0:
@@ -181,5 +184,6 @@ class ScaffoldCorrection:
                 updated = c_i
             new_c_i[name] = updated.to(c.dtype)
             delta[SCAFFOLD_DELTA_C + name] = (updated - c_i).to(c.dtype)
-        self._store.save(self.round, new_c_i, self._started_from)
+        if save:
+            self._store.save(self.round, new_c_i, self._started_from)
         return delta

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from flare_provider.files import atomic_file
-from flare_provider.wire.bundles import load_app_config
+from flare_provider.wire.app_config import load_app_config
 
 from ..trainer import EvalResult, TaskContext
 from .task_runner import load_trainer_class
@@ -125,6 +125,6 @@ def _train_continuously(app_dir: Path, data_dir: Path, epochs: int, config: Mapp
     run_config = {k: v for k, v in (config or {}).items() if k not in ("round", "num_rounds")}
     run_config["epochs"] = epochs
     with tempfile.TemporaryDirectory() as work:
-        ctx = _context(app_dir, data_dir, Path(work), "train", run_config, lambda p, _metrics: progress.append(p))
+        ctx = _context(app_dir, data_dir, Path(work), "train", run_config, lambda p, _metrics, _step: progress.append(p))
         result = trainer.train(convert_weights(trainer.initial_weights(), tensor_format), ctx)
     return BaselineRun(convert_weights(result.weights, tensor_format), epochs, result.num_samples, progress)

@@ -90,7 +90,7 @@ class Probe(Trainer):
         steps = int(config.get("steps", 2))
         for i in range(steps):
             time.sleep(float(config.get("sleep", 0.0)) / steps)
-            ctx.report((i + 1) / steps, step=i + 1)
+            ctx.report((i + 1) / steps, step=i + 1, done=i + 1)
         if "fail" in config:
             raise RuntimeError(config["fail"])
         if config.get("crash"):  # as a segfault in native code would

@@ -20,7 +20,10 @@ RATIO = re.compile(r"^\d+\.\d\dx$")
 # benchmark -> (table titles, how many data rows the first table has at --quick sizes)
 EXPECTED = {
     "overhead": (["Milliseconds per round", "A task's process start-up, piece by piece"], 2),
-    "large": (["One round", "Engine memory by phase of a round (peak over rounds)", "Limits on this machine (same run)"], 1),
+    "large": (["One round", "Where a round's time goes (seconds, median over rounds)",
+               "Engine memory by phase of a round (peak over rounds)",
+               "One transfer alone against the bare stream (same federation, same run)",
+               "Limits on this machine (same run)"], 2),
     "aggregation": (["FedAvg throughput", "Where the time goes (in turn)"], 2),
     "snapshot": (["8 MiB model, moto S3 server on loopback", "Where the time goes"], 2),
     "gpu": (["Samples per second"], 2),

@@ -148,7 +148,7 @@ def test_every_process_is_stopped_and_no_key_is_logged(demo):
     assert set(pids) == {"api-server", "scheduler", "dag-processor", "triggerer",
                          "agent site-1", "agent site-2", "agent site-3", "relay airflow-server"}
     assert leftovers == [], result.stdout[-3000:]
-    (key_file,) = (work / "federation" / "workspace").glob("*/prod_01/airflow-server/startup/airflow-server.key")
+    (key_file,) = (work / "federation" / "workspace").glob("*/prod_00/airflow-server/startup/airflow-server.key")
     key_body = "".join(key_file.read_text().splitlines()[1:-1])
     assert len(key_body) > 40
     logs = [result.stdout] + [p.read_text(errors="replace") for folder in (work / "logs", work / "airflow" / "logs")

@@ -19,6 +19,8 @@ DAG_FILES = {
     "provision_federation.py": "provision_federation",
     "train_federation.py": "train_federation",
     "recurring_federation.py": "recurring_federation",
+    "publish_model.py": "publish_model",
+    "retrain_on_data.py": "retrain_on_data",
 }
 # What the Airflow side must not need to parse a DAG: the agent, PyTorch, gRPC, numpy, the
 # workflow engines (operators check their arguments with the light plain-data modules only).
@@ -115,6 +117,20 @@ def test_training_dags_wait_deploy_train(dagbag):
     assert recurring.get_task("train").deferrable is True
 
 
+def test_model_and_data_assets_link_the_example_dags(dagbag):
+    """publish_model follows train_federation's model; retrain_on_data follows the sites' data."""
+    from flare_provider.triggers.data_version import DataVersionTrigger
+
+    model = dagbag.get_dag("train_federation").get_task("train").model_asset
+    assert model.name == "flare-model/train_federation"
+    assert list(dagbag.get_dag("publish_model").timetable.asset_condition.objects) == [model]
+    assert dagbag.get_dag("publish_model").get_task("approve").task_type == "ApprovalOperator"
+    (data,) = dagbag.get_dag("retrain_on_data").timetable.asset_condition.objects
+    (watcher,) = data.watchers
+    assert isinstance(watcher.trigger, DataVersionTrigger) and watcher.trigger.min_sites >= 1
+    assert dagbag.get_dag("retrain_on_data").get_task("train").initial_model == "previous"
+
+
 @pytest.mark.parametrize(
     "conf",
     [{"rounds": 0}, {"rounds": "five"}, {"min_clients": 0}, {"aggregator": "fedsum"}],
@@ -193,6 +209,6 @@ def test_provision_dag_writes_kits_from_params(run_dag, xcom, tmp_path, sample_p
     assert dag_run.state == "success"
     summary = xcom(dag_run, "provision")
     assert "hospital-a" in json.dumps(summary)
-    kit = workspace / "hospital_federation" / "prod_01" / "airflow-server" / "startup" / "connections.json"
+    kit = workspace / "hospital_federation" / "prod_00" / "airflow-server" / "startup" / "connections.json"
     assert kit.is_file()
     assert "PRIVATE KEY" not in json.dumps(summary)

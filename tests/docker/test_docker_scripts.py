@@ -279,7 +279,7 @@ def test_provisioning_publishes_each_kit_into_its_volumes(compose_kits):
     assert json.loads((server / "startup" / "server.json").read_text())["relay"]["port"] == 8002
     # Admin kits have no volume: they stay in the workspace only.
     assert not (kits / project.admins[0].name).exists()
-    assert (root / "workspace" / project.name / "prod_01" / project.admins[0].name / "startup").is_dir()
+    assert (root / "workspace" / project.name / "prod_00" / project.admins[0].name / "startup").is_dir()
 
 
 def test_provisioning_again_keeps_site_kits_and_adds_sites(tmp_path):
@@ -310,8 +310,8 @@ def test_provisioning_again_keeps_site_kits_and_adds_sites(tmp_path):
     (connection,) = connections.values()
     assert set(json.loads(connection["extra"])["sites"]) == {"hospital-a", "hospital-b", "hospital-c"}
     assert sorted(p.name for p in (tmp_path / "workspace" / "hospital_federation").glob("prod_*")) == [
+        "prod_00",
         "prod_01",
-        "prod_02",
     ]
 
 

@@ -10,6 +10,6 @@ def trainings(fed, site: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for match in re.finditer(r"task (\S+) running in process", fed.agent(site).log_path.read_text()):
         task_id = match.group(1)
-        if not task_id.endswith(("-initialize", "-evaluate")):
+        if not task_id.endswith(("-initialize", "-evaluate", "-describe")):
             counts[task_id] = counts.get(task_id, 0) + 1
     return counts

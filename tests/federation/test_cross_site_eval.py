@@ -21,7 +21,7 @@ from flare_provider.client import load_caller_kit
 from flare_provider.federation.cross_site import CrossSiteEval
 from flare_provider.federation.cross_site_matrix import LOCAL_INDEX, cross_site_key, local_model_key, read_matrix
 from flare_provider.snapshots import SnapshotStore, encode_name
-from flare_provider.wire.bundles import load_app_config
+from flare_provider.wire.app_config import load_app_config
 from flare_provider.wire.tensors import describe_file
 
 APP = Path(__file__).resolve().parents[2] / "examples" / "apps" / "digits"

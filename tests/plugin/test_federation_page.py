@@ -97,6 +97,17 @@ def test_an_unknown_run_is_not_found(server, admin, federation):
     assert_no_data(response.text, federation, "val_accuracy", "round_0")
 
 
+def test_the_round_in_progress_is_served_for_the_page_to_redraw(server, admin, federation):
+    for path in ("/flare/live", "/flare/curves"):
+        assert server.get(path).status_code == 401
+    curves = server.get("/flare/curves", admin)
+    assert curves.status_code == 200
+    assert curves.json() == {"rounds": []}  # no site is training now (tests/tracking draws a round in progress)
+    assert parse(server.get("/flare/live", admin).text).one("p", id="no-live-round")
+    section = parse(server.get("/flare/", admin).text).one("section", id="live-section")
+    assert section.attrs["data-refresh-seconds"] == "5" and section.one("p", id="no-live-round")
+
+
 # ---- what the page shows --------------------------------------------------------------
 
 

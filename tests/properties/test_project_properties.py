@@ -57,7 +57,7 @@ def check_outcome(code: int, err: str, project_file: Path, workspace: Path, *nam
                 assert name in err, f"{name!r} not named in {err!r}"
             assert not workspace.exists(), "a refused project wrote into the workspace"
         else:
-            assert list(workspace.glob("*/prod_01/*.zip")), "provisioning succeeded without kits"
+            assert list(workspace.glob("*/prod_00/*.zip")), "provisioning succeeded without kits"
     finally:
         import shutil
 

@@ -47,7 +47,7 @@ def startup(result, name: str) -> Path:
 
 def test_layout_matches_nvidia_flare(kits):
     prod = kits.prod_dir
-    assert prod.name == "prod_01" and prod.parent.name == PROJECT
+    assert prod.name == "prod_00" and prod.parent.name == PROJECT
     for name in kits.project.participants:
         assert (prod / name.name / "startup" / "signature.json").is_file()
         assert (prod / f"{name.name}.zip").is_file()
@@ -196,7 +196,7 @@ def test_reprovision_keeps_root_and_increments_prod(tmp_path, sample_project_fil
     first = provision(project, tmp_path)
     second = provision(project, tmp_path)
     assert first.created_root and not second.created_root
-    assert second.prod_dir.name == "prod_02"
+    assert second.prod_dir.name == "prod_01"
     assert first.root_fingerprint == second.root_fingerprint
     old = load_cert(startup(first, "hospital-a") / "hospital-a.crt")
     new = load_cert(startup(second, "hospital-a") / "hospital-a.crt")
@@ -215,7 +215,7 @@ def test_add_site_issues_only_that_site(tmp_path, sample_project_file):
         )
     )
     assert flare(["provision", "-p", str(project_file), "-w", str(tmp_path / "ws"), "--add-site", "hospital-d"]) == 0
-    prod2 = tmp_path / "ws" / PROJECT / "prod_02"
+    prod2 = tmp_path / "ws" / PROJECT / "prod_01"
     for name in ["airflow-server", "hospital-a", "hospital-b", "admin@lead-lab.example"]:
         assert (prod2 / name / "startup" / f"{name}.crt").read_bytes() == (
             first.kits[name] / "startup" / f"{name}.crt"
@@ -235,7 +235,7 @@ def test_add_site_issues_only_that_site(tmp_path, sample_project_file):
 def test_add_site_needs_a_provisioned_workspace(tmp_path, sample_project_file):
     with pytest.raises(WorkspaceStateError, match="needs an existing provisioned workspace"):
         provision(load_project(sample_project_file), tmp_path, add_sites=["hospital-a"])
-    assert not (tmp_path / PROJECT / "prod_01").exists()
+    assert not (tmp_path / PROJECT / "prod_00").exists()
 
 
 @pytest.mark.parametrize(
@@ -255,7 +255,7 @@ def test_corrupted_state_fails_instead_of_a_new_ca(tmp_path, sample_project_file
     damage(state)
     with pytest.raises(WorkspaceStateError, match=expected):
         provision(project, tmp_path)
-    assert not (tmp_path / PROJECT / "prod_02").exists()
+    assert not (tmp_path / PROJECT / "prod_01").exists()
 
 
 def test_state_key_written_private(kits):

@@ -55,7 +55,7 @@ def test_the_ha_sample_provisions_with_the_overseer_reported(tmp_path, capsys):
     assert flare(["provision", "-p", str(HA_PROJECT), "-w", str(tmp_path)]) == 0
     out = capsys.readouterr()
     assert out.err.count(OVERSEER_NOTE) == 2
-    prod = tmp_path / "ha_federation" / "prod_01"
+    prod = tmp_path / "ha_federation" / "prod_00"
     for name in [*SERVERS, "site-1", "site-2", "admin@lead-lab.example"]:
         assert verify_folder(prod / name / "startup").ok, name
 

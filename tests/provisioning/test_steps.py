@@ -37,10 +37,10 @@ def test_a_step_failing_after_the_kits_were_written_leaves_no_prod_folder(tmp_pa
     with pytest.raises(Broken):
         provision(project, tmp_path, steps=steps)
     project_dir = tmp_path / PROJECT
-    assert sorted(p.name for p in project_dir.iterdir() if not p.name.startswith(".")) == ["prod_01", "state"]
+    assert sorted(p.name for p in project_dir.iterdir() if not p.name.startswith(".")) == ["prod_00", "state"]
     assert hidden_folders(project_dir) == []
     assert (project_dir / "state" / "state.json").read_text() == state  # no record of the failed run
-    assert provision(project, tmp_path).prod_dir.name == "prod_02"
+    assert provision(project, tmp_path).prod_dir.name == "prod_01"
 
 
 def test_a_step_failing_before_the_prod_folder_is_in_place_records_nothing(tmp_path, sample_project_file):
@@ -50,5 +50,5 @@ def test_a_step_failing_before_the_prod_folder_is_in_place_records_nothing(tmp_p
     with pytest.raises(Broken):
         provision(project, tmp_path, steps=steps)
     project_dir = tmp_path / PROJECT
-    assert not (project_dir / "prod_01").exists() and hidden_folders(project_dir) == []
-    assert '"last_prod": 0' in (project_dir / "state" / "state.json").read_text()
+    assert not (project_dir / "prod_00").exists() and hidden_folders(project_dir) == []
+    assert '"last_prod": -1' in (project_dir / "state" / "state.json").read_text()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from site_agent.trainer import EvalResult, TaskContext, Trainer, TrainResult
+from site_agent.trainer import DataSummary, EvalResult, TaskContext, Trainer, TrainResult
 from site_agent.trainers.pytorch import load_split
 
 
@@ -64,3 +64,9 @@ class DigitsCnnTrainer(Trainer):
             logits = model(x)
         accuracy = float((logits.argmax(1) == y).float().mean())
         return EvalResult({"loss": float(nn.functional.cross_entropy(logits, y)), "accuracy": accuracy}, len(y))
+
+    def describe(self, ctx: TaskContext) -> DataSummary:
+        """The training split's size and layout, for a data check before a run (nothing trains)."""
+        from site_agent.datasets.digits import summarize_split
+
+        return summarize_split(ctx.data_dir, "train.npz")
