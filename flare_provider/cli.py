@@ -148,13 +148,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not isinstance(result, AgentError) and result.attachments:  # the site's own view of its relays
             address = ", ".join(f"{a.relay}:{'attached' if a.attached else 'detached'}" for a in result.attachments)
         if isinstance(result, AgentError):
-            rows.append([site, address, result.code.name.lower(), "", "", "", "", "", result.details])
+            rows.append([site, address, result.code.name.lower(), "", "", "", "", "", "", result.details])
             continue
-        apps = ", ".join(f"{a.name}@{a.version[:12]}" for a in result.apps) or "-"
+        # an app version the site holds for approval, or refuses, says so next to its name
+        apps = ", ".join(f"{a.name}@{a.version[:12]}" + ("" if a.consent_status in ("", "allowed") else f" ({a.consent_status})")
+                         for a in result.apps) or "-"
         gpus = ",".join(map(str, result.gpus)) or "cpu"
         counts = result.task_counts
-        rows.append([site, address, "up", result.version, gpus, apps, counts.get("running", 0), counts.get("queued", 0), ""])
-    headers = ["site", "address", "state", "version", "gpus", "apps", "running", "queued", "problem"]
+        data = result.data_version[:12] or "-"
+        rows.append([site, address, "up", result.version, gpus, apps, data, counts.get("running", 0), counts.get("queued", 0),
+                     ""])
+    headers = ["site", "address", "state", "version", "gpus", "apps", "data", "running", "queued", "problem"]
     print(_table(rows, headers))
     return 0 if all(not isinstance(r, AgentError) for r in results.values()) else 1
 

@@ -139,6 +139,13 @@ def test_custom_code_refused_or_held_until_approved_at_the_site(fed, run_dag, ta
     assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "waits for approval" in refused.value.details
 
+    # What an operator sees from the Airflow side: the held version marked in `flare status`.
+    status = subprocess.run([sys.executable, "-m", "flare_provider.cli", "status", "--kit", str(fed.server_kit)],
+                            capture_output=True, text=True, timeout=60)
+    rows = {line.split()[0]: line for line in status.stdout.splitlines() if line.split()[:1] in ([HELD], [LISTED])}
+    assert f"plus_one@{version[:12]} (pending)" in rows[HELD], status.stdout
+    assert f"plus_one@{version[:12]} (refused)" in rows[LISTED], status.stdout
+
     listing = flare_approve(fed, HELD, "--list")
     assert listing.returncode == 0, listing.stderr
     assert re.search(rf"^pending\s+plus_one\s+{version}\s+airflow-server", listing.stdout, re.M), listing.stdout
