@@ -23,7 +23,7 @@ BENCHMARKS = ("overhead", "large", "aggregation", "snapshot", "gpu", "relay")
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
 # Sizes for a smoke test: every benchmark in seconds, proving it runs and makes its tables.
 QUICK = {
-    "sites": [2], "rounds": 2, "stores": ["file", "s3"], "model_mib": 8, "large_sites": 2, "large_rounds": 1,
+    "sites": [2], "rounds": 2, "stores": ["file", "s3"], "model_mib": [8, 4], "large_sites": [2, 3], "large_rounds": 1,
     "updates": 2, "update_mib": 4, "snapshot_mib": 8, "repeats": 1, "cpu_samples": 512, "cpu_epochs": 2,
     "relay_sites": [2], "relay_rounds": 2, "relay_wire_mib": 8, "relay_many": 4,
 }
@@ -41,8 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--rounds", type=int, default=20)
     group.add_argument("--stores", nargs="+", choices=("file", "s3"), default=["file", "s3"])
     group = parser.add_argument_group("large model round")
-    group.add_argument("--model-mib", type=int, default=1024)
-    group.add_argument("--large-sites", type=int, default=4)
+    group.add_argument("--model-mib", type=int, nargs="+", default=[256, 1024], help="model sizes (default: 256 1024)")
+    group.add_argument("--large-sites", type=int, nargs="+", default=[2, 4],
+                       help="sites for each model size, in the same order (default: 2 4)")
     group.add_argument("--large-rounds", type=int, default=3)
     group = parser.add_argument_group("aggregation and snapshot")
     group.add_argument("--updates", type=int, default=8)
@@ -64,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         for name, value in QUICK.items():
             setattr(args, name, value)
+    if len(args.model_mib) != len(args.large_sites):
+        parser.error("--model-mib and --large-sites need as many values each (one row per pair)")
     args.benchmarks = list(dict.fromkeys(args.benchmarks)) or list(BENCHMARKS)
     if args.out is None and set(args.benchmarks) == set(BENCHMARKS) and not args.quick:
         args.out = DEFAULT_OUT
@@ -74,7 +77,8 @@ def command(name: str, args: argparse.Namespace) -> str:
     """The command line that reproduces one benchmark's figures."""
     options = {
         "overhead": f"--sites {' '.join(map(str, args.sites))} --rounds {args.rounds} --stores {' '.join(args.stores)}",
-        "large": f"--model-mib {args.model_mib} --large-sites {args.large_sites} --large-rounds {args.large_rounds}",
+        "large": f"--model-mib {' '.join(map(str, args.model_mib))} --large-sites {' '.join(map(str, args.large_sites))} "
+                 f"--large-rounds {args.large_rounds}",
         "aggregation": f"--updates {args.updates} --update-mib {args.update_mib} --repeats {args.repeats}",
         "snapshot": f"--snapshot-mib {args.snapshot_mib} --repeats {args.repeats}",
         "gpu": ("--gpu " if args.gpu else "") + f"--repeats {args.repeats}" + (
@@ -91,7 +95,8 @@ def run_one(name: str, args: argparse.Namespace, work: Path, s3) -> Section:
     if name == "overhead":
         return overhead.run(work, s3, args.sites, args.rounds, args.stores, cmd, startup_runs=2 if args.quick else 7)
     if name == "large":
-        return large_model.run(work, args.model_mib * MIB, args.large_sites, args.large_rounds, cmd)
+        configs = [(mib * MIB, sites) for mib, sites in zip(args.model_mib, args.large_sites)]
+        return large_model.run(work, configs, args.large_rounds, cmd)
     if name == "aggregation":
         return aggregation.run(work, args.updates, args.update_mib * MIB, args.repeats, cmd)
     if name == "snapshot":

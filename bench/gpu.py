@@ -133,7 +133,7 @@ def bare_run(work: Path, data_dir: Path, app_dir: Path, workload: Workload, devi
 
 
 def bare_main(config_path: Path) -> None:
-    from flare_provider.wire.bundles import load_app_config
+    from flare_provider.wire.app_config import load_app_config
     from site_agent.trainer import TaskContext
     from site_agent.worker.task_runner import load_trainer_class
 
@@ -145,7 +145,7 @@ def bare_main(config_path: Path) -> None:
     ctx = TaskContext(
         task_id="bare", site="bare", round=1, kind="train", config={}, data_dir=Path(config["data_dir"]),
         work_dir=Path(config["work_dir"]), app_dir=app_dir, device=config["device"],
-        _reporter=lambda progress, metrics: reports.append((progress, time.time())),
+        _reporter=lambda progress, metrics, step: reports.append((progress, time.time())),
     )
     trainer.train({}, ctx)  # no global weights: the seeded initialisation, as the agent's task
     Path(config["result"]).write_text(json.dumps({"reports": reports}))

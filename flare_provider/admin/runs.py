@@ -92,7 +92,7 @@ def cmd_runs_download(args: argparse.Namespace) -> int:
     dest = Path(args.output or run)
     if dest.exists() and any(dest.iterdir()):
         raise AdminError(f"{dest} is not empty; pass -o with a new folder")
-    run_key = store._run_key(federation, run)  # the run's folder: everything under it is the run's
+    run_key = store.run_prefix(federation, run)  # the run's folder: everything under it is the run's
     committed: dict[int, dict] = {}
     for number in [args.round] if args.round is not None else rounds:
         try:

@@ -255,15 +255,7 @@ class Aggregator(ABC):
         file afterwards changes nothing. A file handed over with ``add(..., move=True)`` is
         renamed instead when it is on the same file system: no bytes are copied.
         """
-        if self._spill_dir is None:
-            if self._spill_root is not None:
-                self._spill_root.mkdir(parents=True, exist_ok=True)
-            self._spill_dir = Path(
-                tempfile.mkdtemp(prefix=f"flare-round-{self._status.round_number}-", dir=self._spill_root)
-            )
-            self._spill_cleanup = weakref.finalize(self, shutil.rmtree, self._spill_dir, True)
-        # Sites are named by their position: site names are not necessarily safe file names.
-        copy = self._spill_dir / f"site-{self._status.expected.index(site):05d}.safetensors"
+        copy = self._spill_path(site)
         try:
             if not (self._may_move and _rename(update_path, copy)):
                 shutil.copyfile(update_path, copy)
@@ -276,6 +268,18 @@ class Aggregator(ABC):
             copy.unlink(missing_ok=True)
             raise
         return copy
+
+    def _spill_path(self, site: str) -> Path:
+        """Where ``site``'s update is kept in this round's spill folder (made on first use)."""
+        if self._spill_dir is None:
+            if self._spill_root is not None:
+                self._spill_root.mkdir(parents=True, exist_ok=True)
+            self._spill_dir = Path(
+                tempfile.mkdtemp(prefix=f"flare-round-{self._status.round_number}-", dir=self._spill_root)
+            )
+            self._spill_cleanup = weakref.finalize(self, shutil.rmtree, self._spill_dir, True)
+        # Sites are named by their position: site names are not necessarily safe file names.
+        return self._spill_dir / f"site-{self._status.expected.index(site):05d}.safetensors"
 
     def _open(self, site: str, path: Path) -> TensorFile:
         """An update file for reading tensor by tensor (``read(name, rows)``, ``blocks(name)``)."""

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from ..wire.tensors import SAFETENSORS_DTYPES, TensorFile, TensorFormatError
+from .kernel import count_nonfinite
 from .spec import ModelSpec
 
 _NAMES_SHOWN = 10
-_BLOCK = 1 << 17  # elements checked at a time: the block and its flags stay in the CPU's caches
 
 
 class UpdateRejected(ValueError):
@@ -67,9 +67,11 @@ def validate_update(
                     site, f"dtype {stored.dtype} cannot be aggregated; expected {spec[name].numpy_dtype.name}", name
                 )
             _check_layout(spec, name, stored.shape, dtype, site)
-        for name in spec:
-            if spec[name].numpy_dtype.kind == "f":
-                _check_finite_blocks(tensors, name, site)
+        floating = [name for name in spec if spec[name].numpy_dtype.kind == "f"]
+        bad = count_nonfinite(tensors, floating)  # on every core, block by block
+        for name in floating:
+            if bad[name]:
+                raise UpdateRejected(site, f"{bad[name]} non-finite value(s) (NaN or Inf)", name)
 
 
 def open_update(path: Path, site: str) -> TensorFile:
@@ -115,17 +117,6 @@ def _check_layout(spec: ModelSpec, name: str, shape: tuple[int, ...], dtype: np.
         raise UpdateRejected(site, f"shape {list(shape)}, expected {list(expected.shape)}", name)
     if dtype != expected.numpy_dtype:
         raise UpdateRejected(site, f"dtype {np.dtype(dtype).name}, expected {expected.numpy_dtype.name}", name)
-
-
-def _check_finite_blocks(tensors: TensorFile, name: str, site: str) -> None:
-    # Block by block through one small buffer: no copy of the tensor, no flags array its size.
-    flags = np.empty(_BLOCK, np.bool_)
-    bad = 0
-    for _, values in tensors.blocks(name, _BLOCK):
-        ok = np.isfinite(values, out=flags[: values.size])
-        bad += values.size - int(np.count_nonzero(ok))
-    if bad:
-        raise UpdateRejected(site, f"{bad} non-finite value(s) (NaN or Inf)", name)
 
 
 def _check_finite(array: np.ndarray, name: str, site: str) -> None:

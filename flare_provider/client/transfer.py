@@ -203,6 +203,30 @@ def payload_identity(source: Source) -> tuple[int, str]:
         return st.st_size, _digests[key]
 
 
+def remember_digest(path: str | os.PathLike, sha256: str) -> None:
+    """Note the SHA-256 of a file just written (hashed as it was written), so that uploading
+    it to any number of sites reads and hashes it no more (see :func:`payload_identity`)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    with _digests_lock:
+        while len(_digests) >= _DIGEST_CACHE_SIZE:
+            _digest_locks.pop(next(iter(_digests)), None)
+            _digests.pop(next(iter(_digests)))
+        _digests[key] = sha256
+
+
+def save_for_upload(tensors, path: Path) -> None:
+    """Write ``tensors`` to a scratch safetensors file to upload, hashed as it is written:
+    sending it to any number of sites then neither reads it back to hash it nor hashes it
+    per site."""
+    from ..wire.tensors import save_file  # numpy: imported only where weights are handled
+
+    digest = hashlib.sha256()
+    save_file(tensors, path, durable=False, digest=digest)
+    remember_digest(path, digest.hexdigest())
+
+
 # ---- a download's file while it is incomplete ----------------------------------------------
 
 

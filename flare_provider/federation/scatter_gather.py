@@ -28,6 +28,7 @@ from typing import Any
 from ..aggregation import UpdateRejected, make_aggregator
 from ..aggregation.central_dp import CentralDP, with_central_dp
 from ..client import AgentClient, CallerKit
+from ..client.transfer import save_for_upload
 from ..snapshots import SnapshotStore
 from ..tracking.tracker import MlflowSettings, RunTracking
 from ..wire.task_state import TaskState
@@ -208,7 +209,7 @@ class ScatterGatherRun:
         scratch, so it is not fsynced.
         """
         path = self._work / f"global-{number:04d}.safetensors"
-        save_file(progress.weights, path, durable=False)
+        save_for_upload(progress.weights, path)
         progress.weights = TensorFile(path)
         return path
 
@@ -219,7 +220,7 @@ class ScatterGatherRun:
         if not extra:
             return weights_file
         path = weights_file.with_name(f"send-{weights_file.name}")
-        save_file(ChainMap(extra, progress.weights), path, durable=False)  # read tensor by tensor
+        save_for_upload(ChainMap(extra, progress.weights), path)  # read tensor by tensor
         return path
 
     def rule(self, flight: InFlight) -> GatherRule:

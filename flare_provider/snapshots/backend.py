@@ -6,8 +6,12 @@ object or file at once; none is ever visible half-written.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
+
+from .errors import SnapshotError
+from .model_files import HashedTensors, read_hashed
 
 
 class Backend(ABC):
@@ -59,3 +63,17 @@ class Backend(ABC):
     def local_path(self, key: str) -> Path | None:
         """The local file holding ``key``, if the backend is a local file system."""
         return None
+
+    def read_tensors(self, key: str) -> HashedTensors | None:
+        """The safetensors object ``key`` read into arrays and hashed in the same pass; None
+        if there is no such object. A backend with no local file overrides this."""
+        path = self.local_path(key)
+        if path is None:
+            raise NotImplementedError(f"{type(self).__name__} must implement read_tensors")
+        try:
+            with open(path, "rb", buffering=0) as f:
+                return read_hashed(f.readinto, os.fstat(f.fileno()).st_size, self.uri(key))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SnapshotError(f"{self.uri(key)}: cannot read: {exc.strerror or exc}") from None

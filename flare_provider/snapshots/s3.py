@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 from ..files import file_digest
 from .backend import Backend
 from .errors import SnapshotError
+from .model_files import HashedTensors, read_hashed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -210,6 +211,19 @@ class S3Backend(Backend):
 
         return self._call("download", key, fetch, missing_is_none=True)
 
+    def read_tensors(self, key: str) -> HashedTensors | None:
+        # One GET streamed straight into the arrays and hashed on the way: no staging file,
+        # no second pass over the model.
+        def fetch() -> HashedTensors:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            body = response["Body"]
+            try:
+                return read_hashed(_readinto(body), response["ContentLength"], self.uri(key))
+            finally:
+                body.close()
+
+        return self._call("download", key, fetch, missing_is_none=True)
+
     def stat(self, key: str) -> tuple[int, str | None] | None:
         def head() -> tuple[int, str | None]:
             response = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
@@ -249,6 +263,24 @@ class S3Backend(Backend):
 
     def list_keys(self, prefix: str) -> list[str]:
         return sorted(self._list(prefix, delimiter=False)[1])
+
+
+def _readinto(body) -> Callable[[memoryview], int]:
+    """``readinto`` of a botocore streaming body: the bytes go from the socket straight into
+    the caller's buffer where the body is a plain (not content-encoded) HTTP response, else
+    through ``read()`` (which copies them once more). The caller checks the length."""
+    raw = getattr(body, "_raw_stream", None)
+    response = getattr(raw, "_fp", None)  # http.client's response under urllib3's
+    plain = raw is not None and not raw.headers.get("content-encoding") and not getattr(raw, "chunked", False)
+    if plain and callable(getattr(response, "readinto", None)) and not getattr(raw, "_has_decoded_content", False):
+        return response.readinto
+
+    def readinto(view: memoryview) -> int:
+        data = body.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    return readinto
 
 
 class _HashingFile:

@@ -174,7 +174,7 @@ class SnapshotStore:
         """Record ``round_number`` (committed, verified) as the final model of ``run``."""
         snapshot = self.get_round(federation, run, round_number)
         marker = {"round": round_number, "marked_at": now(), "model_sha256": snapshot.files[MODEL_FILE]["sha256"]}
-        self.backend.put_bytes(f"{self._run_key(federation, run)}/{FINAL_FILE}", json_bytes(marker))
+        self.backend.put_bytes(f"{self.run_prefix(federation, run)}/{FINAL_FILE}", json_bytes(marker))
         return snapshot.uri
 
     # ---- reading ---------------------------------------------------------------------------
@@ -235,15 +235,22 @@ class SnapshotStore:
     def load_weights(self, snapshot: Snapshot) -> dict[str, np.ndarray]:
         """The snapshot's global weights, checked against their SHA-256 as they are fetched;
         :class:`SnapshotCorrupted` if they do not match (see :meth:`restore`)."""
-        with self._fetch(snapshot, MODEL_FILE) as path:
-            return load_tensors(path, f"{snapshot.uri}/{MODEL_FILE}")
+        return self._load(snapshot, MODEL_FILE)
 
     def load_server_state(self, snapshot: Snapshot) -> dict[str, np.ndarray]:
         """The aggregator tensors committed with the snapshot (empty if there were none)."""
         if not snapshot.has_server_state:
             return {}
-        with self._fetch(snapshot, SERVER_STATE_FILE) as path:
-            return load_tensors(path, f"{snapshot.uri}/{SERVER_STATE_FILE}")
+        return self._load(snapshot, SERVER_STATE_FILE)
+
+    def _load(self, snapshot: Snapshot, name: str) -> dict[str, np.ndarray]:
+        """One of the snapshot's tensor files, read into arrays and checked against its
+        SHA-256 in the same pass (streamed: no local copy, no second read)."""
+        loaded = self.backend.read_tensors(f"{self._round_key(snapshot.federation, snapshot.run, snapshot.round)}/{name}")
+        check(snapshot.uri, name, snapshot.files[name], None if loaded is None else (loaded.sha256, loaded.size))
+        if loaded.tensors is None:
+            raise SnapshotError(f"{snapshot.uri}/{name} is not a safetensors file numpy can read: {loaded.problem}")
+        return loaded.tensors
 
     def download_weights(self, snapshot: Snapshot, dest: str | Path) -> Path:
         """Write the snapshot's model file to ``dest`` (streamed, verified)."""
@@ -290,7 +297,7 @@ class SnapshotStore:
     def list_rounds(self, federation: str, run: str) -> list[int]:
         """Round numbers of ``run`` that have a commit marker (not yet verified), ascending."""
         rounds = set()
-        for key in self.backend.list_keys(self._run_key(federation, run)):
+        for key in self.backend.list_keys(self.run_prefix(federation, run)):
             folder, _, name = key.partition("/")
             number = parse_round_folder(folder)
             if name == COMMIT_FILE and number is not None:
@@ -309,14 +316,15 @@ class SnapshotStore:
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _run_key(self, federation: str, run: str) -> str:
+    def run_prefix(self, federation: str, run: str) -> str:
+        """The key every object of the run lies under (its folder in a file store)."""
         return f"{encode_name(federation, 'federation')}/{encode_name(run, 'run id')}"
 
     def _round_key(self, federation: str, run: str, round_number: int) -> str:
-        return f"{self._run_key(federation, run)}/{round_folder(round_number)}"
+        return f"{self.run_prefix(federation, run)}/{round_folder(round_number)}"
 
     def _final_marker(self, federation: str, run: str) -> dict | None:
-        key = f"{self._run_key(federation, run)}/{FINAL_FILE}"
+        key = f"{self.run_prefix(federation, run)}/{FINAL_FILE}"
         raw = self.backend.get_bytes(key)
         if raw is None:
             return None

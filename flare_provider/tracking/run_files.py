@@ -16,7 +16,6 @@ from pathlib import Path
 
 from ..files import file_digest
 from ..snapshots import SnapshotStore
-from ..snapshots.naming import encode_name
 
 
 class RunFiles:
@@ -24,7 +23,7 @@ class RunFiles:
 
     def __init__(self, store: SnapshotStore, federation: str, run: str):
         self.backend = store.backend
-        self.prefix = f"{encode_name(federation, 'federation')}/{encode_name(run, 'run id')}"
+        self.prefix = store.run_prefix(federation, run)
 
     def uri(self, name: str = "") -> str:
         return self.backend.uri(f"{self.prefix}/{name}" if name else self.prefix)

@@ -2,7 +2,8 @@
 
 Every payload stream of the contract (``DeployAppRequest``, ``SubmitTaskRequest``,
 ``FetchResultReply``) is a message with a ``part`` oneof of ``header``, ``chunk`` and
-``end``. The sender reads its source once, in chunks, hashing as it goes; the receiver
+``end``. The sender reads its source once, in chunks, hashing as it goes unless it knows
+the digest already (a global model sent to many sites is hashed once); the receiver
 writes the chunks to a temporary file, checking order, size and SHA-256 on the way, and
 keeps nothing when anything is wrong. Memory stays at one chunk either way, so the
 model size is bounded by disk, never by gRPC's message size limit.
@@ -123,8 +124,8 @@ def send_payload(
     required). ``header.payload_size`` is filled in, and ``header.offset`` when sending
     from ``offset`` on: the chunks start there, and the end marker still carries the
     whole payload's size and SHA-256. That digest is ``sha256`` when the caller knows it
-    (checked against what is read when sending from the start); otherwise the bytes
-    before ``offset`` are read and hashed once the header went out. Arguments are
+    (then nothing is hashed here: the receiver checks the bytes against it); otherwise
+    the payload is hashed as it is read, the bytes before ``offset`` too. Arguments are
     checked now, in the caller's thread; the returned iterator reads lazily, so gRPC
     pulls one chunk at a time.
     """
@@ -144,15 +145,17 @@ def _payload_messages(
     message_type: type[Message], header, source, chunk_size: int, size: int, offset: int, sha256: str | None
 ) -> Iterator[Message]:
     yield message_type(header=header)
-    # Resuming with a known digest, the bytes before the offset need not be read at all.
-    digest = None if offset and sha256 else hash_prefix(source, offset, chunk_size)
+    # With a known digest (one hash of a file sent to many sites) nothing is hashed here:
+    # the receiver checks every byte against it, and refuses a file changed mid-send.
+    # Without one, the bytes before the offset are read and hashed too.
+    digest = None if sha256 else hash_prefix(source, offset, chunk_size)
     position = offset
     for block in _blocks(source, chunk_size, offset):
         if digest is not None:
             digest.update(block)
         yield message_type(chunk=agent_pb2.DataChunk(offset=position, data=block))
         position += len(block)
-    if position != size or (digest is not None and sha256 and digest.hexdigest() != sha256):
+    if position != size:
         # the file changed while it was being sent; the receiver would refuse it anyway
         raise PayloadError(f"the payload changed while being sent: announced {size} bytes, read {position}")
     yield message_type(end=agent_pb2.PayloadEnd(size=position, sha256=sha256 or digest.hexdigest()))

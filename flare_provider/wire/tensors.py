@@ -19,7 +19,7 @@ import math
 import os
 import struct
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -58,6 +58,7 @@ _ITEMSIZE = {code: dtype.itemsize for code, dtype in SAFETENSORS_DTYPES.items()}
 _ITEMSIZE.update({"BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8})
 _METADATA = "__metadata__"
 _MAX_HEADER = 100 << 20  # the safetensors library's own limit
+MAX_HEADER_BYTES = _MAX_HEADER
 # numpy's limits on an array: dimensions, and a size (in elements) that fits its index type
 _MAX_DIMS = 32
 _MAX_DIM = 2**63 - 1
@@ -149,11 +150,24 @@ def save_file(
     metadata: Mapping[str, str] | None = None,
     *,
     durable: bool = True,
+    digest=None,
 ) -> None:
     """Write ``tensors`` to ``path`` atomically (a reader sees the old file or the whole new one),
-    streamed tensor by tensor. ``durable=False`` skips the fsync, for scratch files."""
+    streamed tensor by tensor. ``durable=False`` skips the fsync, for scratch files.
+    ``digest``: a hashlib object fed every byte written (the file's digest, without reading it back)."""
     with atomic_file(path, durable=durable) as out:
-        write_tensors_to(out, tensors, metadata)
+        write_tensors_to(out if digest is None else _HashingWriter(out, digest), tensors, metadata)
+
+
+class _HashingWriter:
+    """Passes writes on to a file, feeding them to a hash on the way."""
+
+    def __init__(self, out: BinaryIO, digest):
+        self._out, self._digest = out, digest
+
+    def write(self, data) -> int:
+        self._digest.update(data)
+        return self._out.write(data)
 
 
 def load_bytes(data: bytes, source: str = "safetensors data") -> dict[str, np.ndarray]:
@@ -183,6 +197,65 @@ def describe_file(path: str | os.PathLike) -> tuple[dict[str, TensorSpec], dict[
         raise TensorFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
+def parse_header(
+    raw: bytes, size: int, fail: Callable[[str], Exception]
+) -> tuple[dict[str, TensorSpec], dict[str, str], dict[str, tuple[int, int]]]:
+    """Layout, metadata and absolute byte ranges of the tensors of a safetensors file of
+    ``size`` bytes whose header (after its 8-byte length) is ``raw``; checked as strictly as
+    the safetensors library does. ``fail(problem)`` makes the exception raised.
+    """
+    length = len(raw)
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise fail("a name appears twice in the header")
+        return dict(pairs)
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+    except TensorFormatError:  # a name twice
+        raise
+    except RecursionError:
+        raise fail("header is not JSON: nested too deeply") from None
+    except ValueError as exc:  # bad UTF-8 or JSON, a number of thousands of digits
+        raise fail(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise fail("header is not a JSON object")
+    metadata = header.pop(_METADATA, None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise fail("metadata is not a map of strings")
+    layout, offsets = {}, {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise fail(f"tensor {name!r}: entry must have dtype, shape and data_offsets")
+        dtype, shape, span = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
+            raise fail(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > _MAX_DIMS
+            or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)
+            or math.prod(shape) > _MAX_DIM
+        ):
+            raise fail(f"tensor {name!r}: bad shape {shape!r}")
+        if not isinstance(span, list) or len(span) != 2 or not all(type(o) is int and o >= 0 for o in span):
+            raise fail(f"tensor {name!r}: bad data_offsets {span!r}")
+        if span[1] - span[0] != math.prod(shape) * _ITEMSIZE[dtype]:
+            raise fail(f"tensor {name!r}: data_offsets {span} do not fit {dtype}{shape}")
+        layout[name] = TensorSpec(dtype, tuple(shape))
+        offsets[name] = (span[0] + 8 + length, span[1] + 8 + length)
+    # The tensors must tile the data exactly: no gaps, no overlaps, nothing after them.
+    end = 8 + length
+    for start, stop in sorted(offsets.values()):
+        if start != end:
+            raise fail("tensor data has gaps or overlaps")
+        end = stop
+    if end != size:
+        raise fail(f"tensor data ends at byte {end}, the file at {size}")
+    return layout, metadata, offsets
+
+
 class TensorFile(Mapping[str, np.ndarray]):
     """A safetensors file as a read-only mapping of name -> array, read on access.
 
@@ -203,6 +276,7 @@ class TensorFile(Mapping[str, np.ndarray]):
             raise TensorFormatError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
         self._closer = weakref.finalize(self, os.close, self._fd)
         self._buffer: np.ndarray | None = None
+        self._placed: dict[str, tuple[np.dtype, int, int]] = {}
         try:
             self.layout, self.metadata, self._offsets = self._read_header()
         except BaseException:
@@ -219,56 +293,7 @@ class TensorFile(Mapping[str, np.ndarray]):
         (length,) = struct.unpack("<Q", self._pread(8, 0))
         if length > min(size - 8, _MAX_HEADER):
             raise self._fail(f"header of {length} bytes in a file of {size}")
-        raw = self._pread(length, 8)
-
-        def unique(pairs):
-            keys = [k for k, _ in pairs]
-            if len(set(keys)) != len(keys):
-                raise self._fail("a name appears twice in the header")
-            return dict(pairs)
-
-        try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
-        except TensorFormatError:  # a name twice
-            raise
-        except RecursionError:
-            raise self._fail("header is not JSON: nested too deeply") from None
-        except ValueError as exc:  # bad UTF-8 or JSON, a number of thousands of digits
-            raise self._fail(f"header is not JSON: {exc}") from None
-        if not isinstance(header, dict):
-            raise self._fail("header is not a JSON object")
-        metadata = header.pop(_METADATA, None) or {}
-        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-            raise self._fail("metadata is not a map of strings")
-        layout, offsets = {}, {}
-        for name, entry in header.items():
-            if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-                raise self._fail(f"tensor {name!r}: entry must have dtype, shape and data_offsets")
-            dtype, shape, span = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
-                raise self._fail(f"tensor {name!r}: unknown dtype {dtype!r}")
-            if (
-                not isinstance(shape, list)
-                or len(shape) > _MAX_DIMS
-                or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)
-                or math.prod(shape) > _MAX_DIM
-            ):
-                raise self._fail(f"tensor {name!r}: bad shape {shape!r}")
-            if not isinstance(span, list) or len(span) != 2 or not all(type(o) is int and o >= 0 for o in span):
-                raise self._fail(f"tensor {name!r}: bad data_offsets {span!r}")
-            if span[1] - span[0] != math.prod(shape) * _ITEMSIZE[dtype]:
-                raise self._fail(f"tensor {name!r}: data_offsets {span} do not fit {dtype}{shape}")
-            layout[name] = TensorSpec(dtype, tuple(shape))
-            offsets[name] = (span[0] + 8 + length, span[1] + 8 + length)
-        # The tensors must tile the data exactly: no gaps, no overlaps, nothing after them.
-        end = 8 + length
-        for start, stop in sorted(offsets.values()):
-            if start != end:
-                raise self._fail("tensor data has gaps or overlaps")
-            end = stop
-        if end != size:
-            raise self._fail(f"tensor data ends at byte {end}, the file at {size}")
-        return layout, metadata, offsets
+        return parse_header(self._pread(length, 8), size, self._fail)
 
     def _pread(self, count: int, offset: int) -> bytes:
         data = os.pread(self._fd, count, offset)
@@ -310,6 +335,24 @@ class TensorFile(Mapping[str, np.ndarray]):
         array = np.empty(shape, dtype)
         self._read_into(memoryview(array.reshape(-1).view(np.uint8)), start)
         return array.astype(dtype.newbyteorder("="), copy=False)
+
+    def read_range(self, name: str, first: int, count: int, buffer: np.ndarray) -> np.ndarray:
+        """Elements ``first`` to ``first + count`` of tensor ``name``, flattened, read into the
+        start of ``buffer`` (contiguous, at least that many bytes) and returned as a view of it.
+
+        Safe to call from several threads at once, each with its own buffer.
+        """
+        placed = self._placed.get(name)
+        if placed is None:  # looked up once per tensor: this is called for every small block
+            placed = self._placed[name] = (self.dtype(name), math.prod(self.layout[name].shape), self._offsets[name][0])
+        dtype, total, start = placed
+        if first < 0 or count < 0 or first + count > total:
+            raise ValueError(f"elements {first}..{first + count} are outside tensor {name!r}")
+        raw = buffer.reshape(-1).view(np.uint8)[: count * dtype.itemsize]
+        if raw.size != count * dtype.itemsize:
+            raise ValueError(f"a buffer of {buffer.nbytes} bytes cannot hold {count} elements of {dtype}")
+        self._read_into(memoryview(raw), start + first * dtype.itemsize)
+        return raw.view(dtype)
 
     def blocks(self, name: str, elements: int = 1 << 15) -> Iterator[tuple[int, np.ndarray]]:
         """Tensor ``name``, flattened, as (first element, values) blocks of up to ``elements``.

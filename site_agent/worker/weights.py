@@ -7,15 +7,21 @@ numpy alone start fast.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flare_provider.wire.tensors import TensorFormatError, TensorSpec, describe_file
+from flare_provider.files import atomic_file
+from flare_provider.wire.tensors import (
+    SAFETENSORS_DTYPES,
+    TensorFile,
+    TensorFormatError,
+    TensorSpec,
+    describe_file,
+    write_tensors_to,
+)
 
 # dtype names (numpy's and torch's spelling) -> safetensors dtype codes
 _DTYPE_CODES = {
@@ -34,6 +40,8 @@ _DTYPE_CODES = {
     "bool": "BOOL",
 }
 _FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
+# torch dtypes whose CPU tensors numpy can view without a copy
+_NUMPY_VIEWABLE = {name for name, code in _DTYPE_CODES.items() if code in SAFETENSORS_DTYPES}
 
 
 class WeightsError(ValueError):
@@ -51,16 +59,25 @@ def tensor_layout(path: Path) -> dict[str, TensorSpec]:
 
 
 def load_weights(path: Path, tensor_format: str = "numpy") -> dict[str, Any]:
-    """All tensors of a safetensors file, as numpy arrays or (``"torch"``) CPU tensors."""
-    if tensor_format == "torch":
-        from safetensors.torch import load_file
-    elif tensor_format == "numpy":
-        from safetensors.numpy import load_file
-    else:
+    """All tensors of a safetensors file, as numpy arrays or (``"torch"``) CPU tensors.
+
+    Numpy arrays are read from the file straight into their memory, one tensor at a time
+    (no copy of the whole file in memory first); torch tensors come from the safetensors
+    library, which maps the file and copies a page only when a trainer changes it.
+    """
+    if tensor_format not in ("numpy", "torch"):
         raise WeightsError(f"unknown tensor_format {tensor_format!r}; use 'numpy' or 'torch'")
     try:
-        return dict(load_file(str(path)))
-    except Exception as exc:
+        if tensor_format == "torch":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path)))
+        with TensorFile(path) as tensors:
+            unheld = {s.dtype for s in tensors.layout.values()} - set(SAFETENSORS_DTYPES)
+            if unheld:
+                raise TensorFormatError(f"tensors of dtype {', '.join(sorted(unheld))} have no numpy dtype")
+            return {name: tensors.read(name) for name in tensors}
+    except (OSError, TensorFormatError, ValueError) as exc:
         raise WeightsError(f"{Path(path).name}: cannot load weights ({exc})") from None
 
 
@@ -129,25 +146,29 @@ def check_update(expected: Mapping[str, TensorSpec], weights: Any, is_difference
 
 
 def save_weights(path: Path, weights: Mapping[str, Any], metadata: dict[str, str] | None = None) -> None:
-    """Write ``weights`` as safetensors atomically (temp file, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        if any(_is_torch(v) for v in weights.values()):
-            import torch
-            from safetensors.torch import save_file
+    """Write ``weights`` as safetensors atomically (temp file, then rename).
 
-            tensors = {k: (v if _is_torch(v) else torch.from_numpy(np.ascontiguousarray(v))) for k, v in weights.items()}
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        else:
-            from safetensors.numpy import save_file
+    Streamed tensor by tensor from the arrays' own memory (a CPU torch tensor is viewed as
+    an array, not copied); only a bfloat16 or float8 tensor, which numpy cannot view, goes
+    through the safetensors library, which builds the whole file in memory first.
+    """
+    if any(_is_torch(v) for v in weights.values()):
+        import torch
 
-            save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tensors = {k: (v if _is_torch(v) else torch.from_numpy(np.asarray(v, order="C"))) for k, v in weights.items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        if any(str(v.dtype).removeprefix("torch.") not in _NUMPY_VIEWABLE for v in tensors.values()):
+            from safetensors.torch import save
+
+            with atomic_file(path, mode=0o600, durable=False) as out:
+                out.write(save(tensors, metadata=metadata))
+            return
+        arrays = {k: v.numpy() for k, v in tensors.items()}
+    else:
+        arrays = {k: np.asarray(v, order="C") for k, v in weights.items()}
+    # The agent makes the result durable when it records it: no fsync here.
+    with atomic_file(path, mode=0o600, durable=False) as out:
+        write_tensors_to(out, arrays, metadata)
 
 
 def finite_metrics(metrics: Any, what: str) -> dict[str, float]:

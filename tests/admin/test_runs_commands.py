@@ -28,7 +28,7 @@ def fill(store: SnapshotStore) -> None:
         store.commit_round(FED, RUN, number, weights(number), {"round": number, "metrics": {"accuracy": 0.5 + number / 10}})
     store.mark_final(FED, RUN, 2)
     store.commit_round("other", "run-b", 0, weights(7), {"round": 0})
-    run_key = store._run_key(FED, RUN)
+    run_key = store.run_prefix(FED, RUN)
     store.backend.put_bytes(f"{run_key}/{TB_FILE}", b"tensorboard events")
 
 

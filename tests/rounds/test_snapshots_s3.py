@@ -15,7 +15,7 @@ from boto3.s3.transfer import TransferConfig
 from safetensors.numpy import save_file
 
 from flare_provider.files import file_digest
-from flare_provider.snapshots import SnapshotError, SnapshotStore
+from flare_provider.snapshots import SnapshotCorrupted, SnapshotError, SnapshotStore
 
 FED, RUN = "fed", "manual__2026-05-02T08:30:00+00:00"
 MIB = 1 << 20
@@ -181,3 +181,29 @@ def test_downloads_are_hashed_as_they_are_written(order, tmp_path):
         assert result is None  # the caller hashes the file again
     else:
         assert result == (hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_a_restore_streams_the_model_into_its_arrays_and_checks_it_on_the_way(moto, bucket, tmp_path):
+    """One GET of the model, no staging file; an object swapped after the commit (same size,
+    same metadata tag, other bytes) is found out by the SHA-256 taken while it streamed."""
+    client = moto.client(attempts=2)
+    store = SnapshotStore(f"s3://{bucket}/stream", s3_client=client, tmp_dir=tmp_path / "tmp")
+    model = {"a": np.arange(300_000, dtype=np.float32), "b": np.full((7, 3), 2, np.int64)}
+    store.commit_round(FED, RUN, 1, model, {"round": 1})
+    snapshot = store.latest(FED, RUN)
+    sent = count_requests(client)
+    restored = store.load_weights(snapshot)
+    assert [url for url in sent if url.endswith("model.safetensors")] == [sent[0]] and len(sent) == 1
+    assert all(np.array_equal(restored[k], model[k]) and restored[k].dtype == model[k].dtype for k in model)
+    assert not (tmp_path / "tmp").exists() or list((tmp_path / "tmp").iterdir()) == []
+
+    key = f"stream/{snapshot.uri.split(f's3://{bucket}/stream/', 1)[1]}/model.safetensors"
+    head = client.head_object(Bucket=bucket, Key=key)
+    body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    for damage in (lambda b: b.__setitem__(slice(-4, None), b"\x00\x01\x02\x03"),  # a value changed
+                   lambda b: b.__setitem__(slice(0, 8), b"\xff" * 8)):  # the header no longer parses
+        swapped = bytearray(body)
+        damage(swapped)
+        client.put_object(Bucket=bucket, Key=key, Body=bytes(swapped), Metadata=head["Metadata"])
+        with pytest.raises(SnapshotCorrupted, match="model.safetensors does not match its SHA-256"):
+            store.load_weights(snapshot)
