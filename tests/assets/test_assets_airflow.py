@@ -158,10 +158,17 @@ def test_publish_dag_runs_on_the_model_and_publishes_once_approved(deployment, t
             return None
 
     detail = wait_for("the approval request", awaiting, timeout=120, details=airflow.diagnostics)
-    # Answer only once the task waits for the answer (deferred): an answer while it is still
-    # running makes Airflow end the task as one that should not be running any more.
-    wait_for("the approval task deferred", lambda: airflow.api.task_instance("publish_model", publish_run, "approve")["state"]
-             == "deferred", timeout=120, details=airflow.diagnostics)
+    # Answer only once the task waits for the answer (Airflow 3.3 parks it in awaiting_input,
+    # earlier versions defer it): an answer while it is still running makes Airflow end the
+    # task as one that should not be running any more.
+    states = []
+
+    def waiting():
+        states.append(airflow.api.task_instance("publish_model", publish_run, "approve")["state"])
+        return states[-1] in ("awaiting_input", "deferred")
+
+    wait_for("the approval task waiting for its answer", waiting, timeout=120,
+             details=lambda: f"approve's states seen: {sorted(set(states))}\n{airflow.diagnostics()}")
     assert detail["options"] == ["Approve", "Reject"]
     assert TRAIN_DAG in detail["subject"] and run_id in detail["body"]
     assert "The sites' evaluation of the final model" in detail["body"] and "accuracy" in detail["body"]
