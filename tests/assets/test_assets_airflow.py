@@ -169,6 +169,14 @@ def test_publish_dag_runs_on_the_model_and_publishes_once_approved(deployment, t
 
     wait_for("the approval task waiting for its answer", waiting, timeout=120,
              details=lambda: f"approve's states seen: {sorted(set(states))}\n{airflow.diagnostics()}")
+    # A person answers seconds later; an answer within milliseconds races Airflow 3.3.2: the
+    # task is queued again before the scheduler hears that its first process ended, and the
+    # scheduler then fails it as "finished with state success, but ... queued". Answer once
+    # the scheduler has heard, as any human answer would.
+    scheduler_log = airflow.logs / "scheduler.log"
+    ended = f"Received executor event with state success for task instance TaskInstanceKey(dag_id='publish_model', task_id='approve', run_id='{publish_run}'"
+    wait_for("the scheduler hearing that the approval task's process ended", lambda: ended in scheduler_log.read_text(),
+             timeout=60, details=lambda: tail(scheduler_log, 30))
     assert detail["options"] == ["Approve", "Reject"]
     assert TRAIN_DAG in detail["subject"] and run_id in detail["body"]
     assert "The sites' evaluation of the final model" in detail["body"] and "accuracy" in detail["body"]
