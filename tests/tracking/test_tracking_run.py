@@ -171,9 +171,10 @@ def test_a_retried_round_is_not_logged_to_mlflow_twice(tracked):
 
 
 def test_the_page_draws_the_round_in_progress_from_what_the_sites_report(tracked):
-    assert tracked["live"], "the page never saw a site's curve while round 1 trained"
-    view = tracked["live"][-1]
-    (live,) = rounds_in_progress([view])
+    # round 2's three epochs may be seen too, when a poll falls in it: take round 1's last view
+    round_one = [view for view in tracked["live"] if [live.round for live in rounds_in_progress([view])] == [1]]
+    assert round_one, "the page never saw a site's curve while round 1 trained"
+    (live,) = rounds_in_progress([round_one[-1]])
     assert live.round == 1 and live.app == "digits" and live.run_key == tracked["spec"].run_key
     curves = live.curves()
     for site, points in curves["train_loss"].items():
