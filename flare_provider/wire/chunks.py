@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -31,6 +33,9 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 # limits are set to this on both ends so that nothing larger is ever accepted.
 MAX_CHUNK_SIZE = 4 << 20
 MAX_MESSAGE_BYTES = MAX_CHUNK_SIZE + (64 << 10)
+# Payloads larger than this are written and hashed by a second thread (see PayloadWriter).
+WRITE_BEHIND_BYTES = 2 * DEFAULT_CHUNK_SIZE
+WRITE_BEHIND_DEPTH = 4  # chunks queued for that thread at most: memory stays a few chunks
 PARTIAL_PREFIX = ".incoming-"  # files being received; a crash may leave one, safe to delete
 # Trailing metadata of an upload refused for its offset: how many bytes of the payload the
 # receiver holds, so that the sender resumes from there without asking.
@@ -149,6 +154,8 @@ def _payload_messages(
     # the receiver checks every byte against it, and refuses a file changed mid-send.
     # Without one, the bytes before the offset are read and hashed too.
     digest = None if sha256 else hash_prefix(source, offset, chunk_size)
+    # Hashed in turn, not behind on a second thread as the receiver writes: measured, that
+    # made a download slower (0.28 against 0.33 GB/s alone, 512 MiB, 2 cores).
     position = offset
     for block in _blocks(source, chunk_size, offset):
         if digest is not None:
@@ -215,6 +222,11 @@ class PayloadWriter:
     is given (a fresh one for ``start`` 0). ``received`` and ``digest`` describe exactly
     the bytes handed to ``out``, also after :meth:`receive` raised: that is what a cut
     transfer keeps and resumes from.
+
+    A payload of more than :data:`WRITE_BEHIND_BYTES` is written and hashed by a second
+    thread while the receiving thread waits for the next message: both steps release the
+    GIL, and gRPC asks for a message only once the previous one was taken, so doing them
+    in turn left the connection idle for each chunk's write and hash.
     """
 
     def __init__(self, out: BinaryIO, announced: int, what: str, start: int = 0, digest=None):
@@ -224,16 +236,27 @@ class PayloadWriter:
         self.announced = announced
         self.what = what
         self.received = start
+        self.accepted = start  # bytes checked and handed on: received, or queued to be written
         self.digest = digest if digest is not None else hashlib.sha256()
 
     def receive(self, messages: Iterable) -> None:
         """Take the chunks up to and including the end marker (the header was read already)."""
-        messages = iter(messages)
+        if self.announced - self.received > WRITE_BEHIND_BYTES:
+            with _WriteBehind(self._write) as behind:
+                self._take(iter(messages), behind.put, behind.drain)
+        else:
+            self._take(iter(messages), self._write, lambda: None)
+
+    def _take(self, messages: Iterator, write, drain) -> None:
         for message in messages:
             part = message.WhichOneof("part")
             if part == "chunk":
-                self._write(message.chunk)
+                chunk = message.chunk
+                data = chunk.data  # each read of the field copies the bytes out of the message: once
+                self._check_chunk(chunk.offset, len(data))
+                write(data)
             elif part == "end":
+                drain()
                 self._check_end(message.end)
                 extra = next(messages, None)
                 if extra is not None:
@@ -241,21 +264,25 @@ class PayloadWriter:
                 return
             else:
                 raise PayloadError(f"{self.what}: unexpected {part or 'empty message'} inside the payload")
+        drain()
         raise PayloadTruncated(
             f"{self.what}: the stream ended after {self.received} of {self.announced} bytes without its end marker (truncated)"
         )
 
-    def _write(self, chunk: agent_pb2.DataChunk) -> None:
-        if chunk.offset != self.received:
+    def _check_chunk(self, offset: int, length: int) -> None:
+        if offset != self.accepted:
             raise PayloadError(
-                f"{self.what}: chunk at offset {chunk.offset} arrived where offset {self.received} was expected "
+                f"{self.what}: chunk at offset {offset} arrived where offset {self.accepted} was expected "
                 "(chunks lost or out of order)"
             )
-        if self.received + len(chunk.data) > self.announced:  # and so never over the limit, which the announced size is within
+        if self.accepted + length > self.announced:  # and so never over the limit, which the announced size is within
             raise PayloadError(f"{self.what}: more data than the {self.announced} bytes announced in the header")
-        self.out.write(chunk.data)
-        self.digest.update(chunk.data)
-        self.received += len(chunk.data)
+        self.accepted += length
+
+    def _write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.digest.update(data)
+        self.received += len(data)
 
     def _check_end(self, end: agent_pb2.PayloadEnd) -> None:
         if end.size != self.received or self.received != self.announced:
@@ -266,3 +293,59 @@ class PayloadWriter:
         sha256 = self.digest.hexdigest()
         if end.sha256.lower() != sha256:
             raise PayloadError(f"{self.what}: SHA-256 mismatch: the sender says {end.sha256}, the data received hashes to {sha256}")
+
+
+class _WriteBehind:
+    """A thread that calls ``write`` on each block put, in order, a few blocks behind.
+
+    The first error ``write`` raises ends the thread and is raised again in the putting
+    thread: by the next :meth:`put`, by :meth:`drain`, or when the block exits. Leaving the
+    block, whatever happened, waits until every block already put is written, so what the
+    writer's counters say is what the file holds.
+    """
+
+    _DONE = object()
+
+    def __init__(self, write):
+        self._write = write
+        self._blocks: queue.Queue = queue.Queue(WRITE_BEHIND_DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="payload-write-behind", daemon=True)
+
+    def __enter__(self) -> "_WriteBehind":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._finish()
+        if self._error is not None:
+            raise self._error
+
+    def put(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._blocks.put(data)
+
+    def drain(self) -> None:
+        """Wait until every block put is written; raise what writing them raised."""
+        self._blocks.join()
+        if self._error is not None:
+            raise self._error
+
+    def _finish(self) -> None:
+        if self._thread.is_alive():
+            self._blocks.put(self._DONE)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            data = self._blocks.get()
+            try:
+                if data is self._DONE:
+                    return
+                if self._error is None:  # after an error, blocks are only taken off the queue
+                    self._write(data)
+            except BaseException as exc:  # handed to the receiving thread
+                self._error = exc
+            finally:
+                self._blocks.task_done()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import shutil
 
 import numpy as np
@@ -9,8 +11,11 @@ import pytest
 
 from flare_provider.wire import agent_pb2, codegen
 from flare_provider.wire.chunks import (
+    WRITE_BEHIND_BYTES,
     PayloadError,
     PayloadTooLarge,
+    PayloadTruncated,
+    PayloadWriter,
     read_header,
     receive_payload,
     send_payload,
@@ -144,6 +149,73 @@ def test_wrong_size_in_end_marker_is_refused(tmp_path):
     messages = stream(b"a" * 1500)
     messages[-1].end.size = 2000
     assert_refused(tmp_path, messages, PayloadError, "size mismatch")
+
+
+# A payload over WRITE_BEHIND_BYTES is written and hashed by a second thread: the same
+# checks, the same file, and counters that say exactly what the file holds.
+BIG = WRITE_BEHIND_BYTES + 300_000
+BIG_CHUNK = 1 << 18
+
+
+def big_stream(data: bytes) -> list:
+    return list(send_payload(Request, agent_pb2.SubmitTaskHeader(task_id="t1"), data, BIG_CHUNK))
+
+
+def test_a_large_payload_is_written_behind_and_arrives_whole(tmp_path):
+    data = np.random.default_rng(1).bytes(BIG)
+    header, path = receive(big_stream(data), tmp_path, max_size=4 * BIG)
+    assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("damage, error, words", [
+    (lambda m: m.__setitem__(5, agent_pb2.SubmitTaskRequest(chunk=agent_pb2.DataChunk(offset=m[5].chunk.offset, data=b"x" * BIG_CHUNK))),
+     PayloadError, ["SHA-256 mismatch"]),
+    (lambda m: m.__delitem__(3), PayloadError, ["out of order"]),
+    (lambda m: m.__delitem__(-1), PayloadTruncated, ["truncated", f"of {BIG}"]),
+])
+def test_a_large_payload_damaged_is_refused_and_leaves_nothing(tmp_path, damage, error, words):
+    messages = big_stream(np.random.default_rng(2).bytes(BIG))
+    damage(messages)
+    assert_refused(tmp_path, messages, error, *words, max_size=4 * BIG)
+
+
+class FailingFile(io.BytesIO):
+    """A file whose writes fail once it holds ``limit`` bytes (a full disk)."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def write(self, data) -> int:
+        if self.tell() + len(data) > self.limit:
+            raise OSError(28, "No space left on device")
+        return super().write(data)
+
+
+def test_a_write_failing_behind_is_raised_to_the_receiver_with_exact_counters():
+    data = np.random.default_rng(3).bytes(BIG)
+    messages = iter(big_stream(data))
+    header = read_header(messages, "weights")
+    out = FailingFile(limit=3 * BIG_CHUNK)
+    writer = PayloadWriter(out, header.payload_size, "weights")
+    with pytest.raises(OSError, match="No space left"):
+        writer.receive(messages)
+    assert writer.received == len(out.getvalue()) == 3 * BIG_CHUNK
+    assert writer.digest.hexdigest() == hashlib.sha256(data[: 3 * BIG_CHUNK]).hexdigest()
+
+
+def test_a_large_payload_cut_keeps_counters_that_match_the_file():
+    data = np.random.default_rng(4).bytes(BIG)
+    messages = big_stream(data)[:-3]  # header, the chunks before the last two, no end
+    it = iter(messages)
+    header = read_header(it, "weights")
+    out = io.BytesIO()
+    writer = PayloadWriter(out, header.payload_size, "weights")
+    with pytest.raises(PayloadTruncated):
+        writer.receive(it)
+    held = len(out.getvalue())
+    assert writer.received == held == sum(len(m.chunk.data) for m in messages[1:])
+    assert writer.digest.hexdigest() == hashlib.sha256(data[:held]).hexdigest()
 
 
 def test_sender_refuses_a_bad_chunk_size():
