@@ -320,7 +320,8 @@ def run(work: Path, configs: list[tuple[int, int]], rounds: int, command: str) -
     transfers.notes.append(
         f"{size(probe)} to or from the first site of the last row's federation, nothing else running, median of 3. "
         "The payload path: the file read in 1 MiB chunks, framed in `DataChunk` messages over TLS, written by the "
-        "receiver, which checks the SHA-256 as the bytes arrive and fsyncs the file once; a sender that knows the "
+        "receiver, which writes and hashes each chunk on a second thread while the next one arrives and fsyncs the "
+        "file once; a sender that knows the "
         "digest (the engine, which hashes the global model once for all sites) does not hash again."
     )
     tcp, aes, sha, disk = (limits.tcp_loopback(2 * probe), limits.aes_gcm(probe), limits.sha256(probe),
