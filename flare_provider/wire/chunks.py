@@ -298,8 +298,9 @@ class PayloadWriter:
 class _WriteBehind:
     """A thread that calls ``write`` on each block put, in order, a few blocks behind.
 
-    The first error ``write`` raises ends the thread and is raised again in the putting
-    thread: by the next :meth:`put`, by :meth:`drain`, or when the block exits. Leaving the
+    The first error ``write`` raises is kept (the blocks after it are taken off the queue
+    unwritten) and raised again in the putting thread: by the next :meth:`put`, by
+    :meth:`drain`, or when the block exits. Leaving the
     block, whatever happened, waits until every block already put is written, so what the
     writer's counters say is what the file holds.
     """
