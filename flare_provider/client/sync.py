@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from ..wire import agent_pb2, agent_pb2_grpc
+from ..wire import agent_pb2
 from ..wire.chunks import (
     DEFAULT_CHUNK_SIZE,
     PayloadError,
@@ -32,6 +32,7 @@ from ..wire.chunks import (
     read_header,
     send_payload,
 )
+from ..wire.payload_codec import AgentStub
 from ..wire.task_state import TaskState
 from .channel import (
     DEFAULT_IDLE_TIMEOUT,
@@ -92,7 +93,7 @@ class AgentClient(AgentCaller):
         self.chunk_size = chunk_size
         self.last_transfer: TransferStats | None = None
         self._channel = grpc.secure_channel(self.address, self._credentials, options=self._options)
-        self._stub = agent_pb2_grpc.FlareAgentStub(self._channel)
+        self._stub = AgentStub(self._channel)
         self._probe_channel: grpc.Channel | None = None
 
     @classmethod
@@ -218,7 +219,7 @@ class AgentClient(AgentCaller):
         if self._probe_channel is None:
             options = [*self._options, ("grpc.use_local_subchannel_pool", 1)]  # never the upload's connection
             self._probe_channel = grpc.secure_channel(self.address, self._credentials, options=options)
-        stub = agent_pb2_grpc.FlareAgentStub(self._probe_channel)
+        stub = AgentStub(self._probe_channel)
         request = agent_pb2.UploadOffsetRequest(task_id=task_id, payload_size=size, payload_sha256=sha256)
 
         def probe(timeout: float) -> object:

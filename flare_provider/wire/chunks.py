@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from . import agent_pb2
+from .payload_codec import Chunk
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 # Every message of the contract is at most a chunk plus a little framing; the channel
@@ -99,11 +100,11 @@ def hash_prefix(source: Source | BinaryIO, length: int, chunk_size: int = DEFAUL
     return digest
 
 
-def _blocks(source: Source | BinaryIO, chunk_size: int, offset: int) -> Iterator[bytes]:
+def _blocks(source: Source | BinaryIO, chunk_size: int, offset: int) -> Iterator[bytes | memoryview]:
     if isinstance(source, bytes):
         view = memoryview(source)
         for start in range(offset, len(view), chunk_size):
-            yield bytes(view[start : start + chunk_size])
+            yield view[start : start + chunk_size]
         return
     if hasattr(source, "read"):
         source.seek(offset)
@@ -160,7 +161,7 @@ def _payload_messages(
     for block in _blocks(source, chunk_size, offset):
         if digest is not None:
             digest.update(block)
-        yield message_type(chunk=agent_pb2.DataChunk(offset=position, data=block))
+        yield Chunk(position, block)  # serialized by payload_codec with one copy of the block
         position += len(block)
     if position != size:
         # the file changed while it was being sent; the receiver would refuse it anyway
@@ -252,7 +253,9 @@ class PayloadWriter:
             part = message.WhichOneof("part")
             if part == "chunk":
                 chunk = message.chunk
-                data = chunk.data  # each read of the field copies the bytes out of the message: once
+                # A Chunk's data is a view into the message gRPC delivered; a protobuf chunk
+                # message's field copies its bytes out on each read: read once.
+                data = chunk.data
                 self._check_chunk(chunk.offset, len(data))
                 write(data)
             elif part == "end":

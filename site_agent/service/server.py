@@ -24,8 +24,8 @@ from flare_provider.provisioning.kits import STARTUP
 from flare_provider.provisioning.signature import require_valid
 from flare_provider.relay.dial import HttpProxy
 from flare_provider.relay.tls import TlsIdentity
-from flare_provider.wire import agent_pb2_grpc
 from flare_provider.wire.chunks import MAX_MESSAGE_BYTES, PARTIAL_PREFIX
+from flare_provider.wire.payload_codec import add_agent_servicer
 
 from ..kit_config import ConfigError, load_agent_config
 from ..runtime.app_store import APPS_DIR, AppStore
@@ -97,7 +97,7 @@ class SiteAgent:
         attachments = (lambda: list(self.connector.states.values())) if self.connector else (lambda: ())
         self.service = AgentService(self.config, self.settings, apps, tasks, audit, self.limits, self.request_stop,
                                     attachments)
-        agent_pb2_grpc.add_FlareAgentServicer_to_server(self.service, server)
+        add_agent_servicer(self.service, server)
         server.start()
         self._server = server
         if self.connector is not None:

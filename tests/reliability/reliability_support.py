@@ -32,6 +32,7 @@ from flare_provider.provisioning.certs import Identity
 from flare_provider.wire import agent_pb2, agent_pb2_grpc
 from flare_provider.wire.bundles import build_bundle
 from flare_provider.wire.chunks import MAX_MESSAGE_BYTES, read_header, receive_payload, send_payload
+from flare_provider.wire.payload_codec import add_agent_servicer
 from flare_provider.wire.tensors import load_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -268,7 +269,7 @@ def serve_as_site(
             ("grpc.so_reuseport", 0),  # a port still taken must fail here, not be shared
         ],
     )
-    agent_pb2_grpc.add_FlareAgentServicer_to_server(servicer, server)
+    add_agent_servicer(servicer, server)
     credentials = grpc.ssl_server_credentials(
         [(identity.key_pem, identity.cert_pem)], root_certificates=root_ca, require_client_auth=True
     )
