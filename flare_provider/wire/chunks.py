@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
+from ..files import start_writeback
 from . import agent_pb2
 from .payload_codec import Chunk
 
@@ -37,6 +38,9 @@ MAX_MESSAGE_BYTES = MAX_CHUNK_SIZE + (64 << 10)
 # Payloads larger than this are written and hashed by a second thread (see PayloadWriter).
 WRITE_BEHIND_BYTES = 2 * DEFAULT_CHUNK_SIZE
 WRITE_BEHIND_DEPTH = 4  # chunks queued for that thread at most: memory stays a few chunks
+# ...which also has the kernel start writing each this many bytes to disk as they arrive, so
+# that the fsync at the end waits for the last few only.
+WRITEBACK_BYTES = 8 << 20
 PARTIAL_PREFIX = ".incoming-"  # files being received; a crash may leave one, safe to delete
 # Trailing metadata of an upload refused for its offset: how many bytes of the payload the
 # receiver holds, so that the sender resumes from there without asking.
@@ -239,11 +243,12 @@ class PayloadWriter:
         self.received = start
         self.accepted = start  # bytes checked and handed on: received, or queued to be written
         self.digest = digest if digest is not None else hashlib.sha256()
+        self._written_back = start
 
     def receive(self, messages: Iterable) -> None:
         """Take the chunks up to and including the end marker (the header was read already)."""
         if self.announced - self.received > WRITE_BEHIND_BYTES:
-            with _WriteBehind(self._write) as behind:
+            with _WriteBehind(self._write_and_write_back) as behind:
                 self._take(iter(messages), behind.put, behind.drain)
         else:
             self._take(iter(messages), self._write, lambda: None)
@@ -286,6 +291,18 @@ class PayloadWriter:
         self.out.write(data)
         self.digest.update(data)
         self.received += len(data)
+
+    def _write_and_write_back(self, data: bytes) -> None:
+        self._write(data)
+        if self.received - self._written_back >= WRITEBACK_BYTES:
+            self.out.flush()
+            try:
+                fd = self.out.fileno()
+            except (AttributeError, OSError):  # not a file on disk: nothing to write back
+                fd = None
+            if fd is not None:
+                start_writeback(fd, self._written_back, self.received - self._written_back)
+            self._written_back = self.received
 
     def _check_end(self, end: agent_pb2.PayloadEnd) -> None:
         if end.size != self.received or self.received != self.announced:

@@ -125,6 +125,12 @@ class KeptUpload:
             while view:
                 view = view[self._file.write(view):]
 
+    def flush(self) -> None:
+        """Nothing to flush: writes are unbuffered."""
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
     def keep(self, received: int, digest) -> bool:
         """The stream broke after ``received`` bytes: keep them (and their digest) for the next stream.
 
