@@ -79,6 +79,7 @@ class AgentStatus:
     data_version_source: str = ""  # "site.yaml", "listing" or "" (none)
     data_version_seen_at: float = 0.0  # when the agent first saw this version
     custom_code_policy: str = ""  # whose custom code the site runs, in words
+    payload_checksums: list[str] = field(default_factory=list)  # what it checks uploads with besides SHA-256
 
     @classmethod
     def from_message(cls, m: agent_pb2.AgentStatus) -> "AgentStatus":
@@ -99,6 +100,7 @@ class AgentStatus:
             data_version_source=m.data_version_source,
             data_version_seen_at=m.data_version_seen_at,
             custom_code_policy=m.custom_code_policy,
+            payload_checksums=list(m.payload_checksums),
         )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 import grpc
 
 from ..wire import agent_pb2
+from ..wire.checksums import FAST_CHECKSUMS, SHA256, XXH3_128, fastest_shared
 from ..wire.chunks import (
     DEFAULT_CHUNK_SIZE,
     PayloadError,
@@ -27,7 +27,6 @@ from ..wire.chunks import (
     PayloadTruncated,
     PayloadWriter,
     check_announced_size,
-    format_bytes,
     payload_size,
     read_header,
     send_payload,
@@ -39,22 +38,19 @@ from .channel import (
     DEFAULT_MAX_RESULT_BYTES,
     DEFAULT_RESUME_ATTEMPTS,
     DEFAULT_TRANSFER_TIMEOUT,
-    RESUME_BACKOFF_S,
     AgentCaller,
 )
 from .kit import load_caller_kit
 from .replies import AgentError, AgentStatus, AppVersion
+from .resuming import ResumingTransfers
 from .transfer import (
-    AGENT_SAYS_RESUME,
     IdleWatchdog,
     PartialDownload,
     StartOver,
     TransferStalled,
     TransferStats,
     counted,
-    describe_failure,
     held_bytes,
-    is_cut,
     payload_identity,
 )
 
@@ -62,9 +58,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Codes after which the bytes of a download kept so far are of no use.
 _RESULT_GONE = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+# Weights smaller than this are checked with SHA-256 without asking the agent what else it
+# speaks: hashing them costs less than the question.
+ASK_CHECKSUM_FROM_BYTES = 4 << 20
 
 
-class AgentClient(AgentCaller):
+def _identity_fields(checksum: str, digest: str) -> dict[str, str]:
+    """The upload's identity (the agent keeps a cut upload under it) as request fields."""
+    return {"payload_xxh3_128": digest} if checksum == XXH3_128 else {"payload_sha256": digest}
+
+
+class AgentClient(ResumingTransfers, AgentCaller):
     """A synchronous client of one site's agent. Use as a context manager, or call close().
 
     :param idle_timeout: seconds without a byte of a transfer moving before it is given
@@ -95,6 +99,7 @@ class AgentClient(AgentCaller):
         self._channel = grpc.secure_channel(self.address, self._credentials, options=self._options)
         self._stub = AgentStub(self._channel)
         self._probe_channel: grpc.Channel | None = None
+        self._agent_checksums: tuple[str, ...] | None = None  # what the agent checks uploads with besides SHA-256
 
     @classmethod
     def from_kit(cls, kit_dir: str | os.PathLike, site: str, address: str | None = None, **kwargs: Any) -> "AgentClient":
@@ -163,8 +168,10 @@ class AgentClient(AgentCaller):
         resumed from the bytes the site kept, also by a later call with the same weights
         (the site answers its first stream that it holds them).
         """
-        size, sha256 = payload_identity(weights)
-        stats = self.last_transfer = TransferStats("SubmitTask", task_id, size)
+        checksum = self._upload_checksum(payload_size(weights))
+        size, digest = payload_identity(weights, checksum)
+        identity = _identity_fields(checksum, digest)
+        stats = self.last_transfer = TransferStats("SubmitTask", task_id, size, checksum=checksum)
         told: list[int] = []  # what the site said it holds when it refused a stream's offset
 
         def upload() -> agent_pb2.SubmitTaskReply:
@@ -173,11 +180,11 @@ class AgentClient(AgentCaller):
             if told:
                 offset = told.pop()
             else:
-                offset = self._upload_offset(task_id, size, sha256) if stats.attempts > 1 else 0
+                offset = self._upload_offset(task_id, size, identity) if stats.attempts > 1 else 0
             self._note_start("upload", stats, offset)
             header = agent_pb2.SubmitTaskHeader(
                 task_id=task_id, app_name=app_name, round=round, kind=kind, config_json=json.dumps(config or {}),
-                payload_sha256=sha256,
+                **identity,
             )
             if app_version is not None:
                 header.app_version = app_version
@@ -185,8 +192,8 @@ class AgentClient(AgentCaller):
                 header.num_gpus = num_gpus
             if num_processes is not None:
                 header.num_processes = num_processes
-            messages = send_payload(agent_pb2.SubmitTaskRequest, header, weights, self.chunk_size, size, offset, sha256)
-            probe = self._upload_probe(task_id, size, sha256)
+            messages = send_payload(agent_pb2.SubmitTaskRequest, header, weights, self.chunk_size, size, offset, digest, checksum)
+            probe = self._upload_probe(task_id, size, identity)
             try:
                 return self._send_stream(self._stub.SubmitTask, messages, stats, self._time_left(stats), probe)
             except grpc.RpcError as exc:
@@ -200,9 +207,22 @@ class AgentClient(AgentCaller):
         reply = self._resuming("SubmitTask", stats, upload)
         return TaskState.from_message(reply.state), reply.created
 
-    def _upload_offset(self, task_id: str, size: int, sha256: str) -> int:
+    def _upload_checksum(self, size: int) -> str:
+        """The checksum an upload of ``size`` bytes carries: the fastest the agent lists
+        (asked once per client), or SHA-256 for weights too small to be worth asking."""
+        if size < ASK_CHECKSUM_FROM_BYTES:
+            return SHA256
+        if self._agent_checksums is None:
+            try:
+                status = self._stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=self.timeout)
+            except grpc.RpcError:  # the upload that follows says what is wrong with the site, or retries
+                return SHA256
+            self._agent_checksums = tuple(status.payload_checksums)
+        return fastest_shared(self._agent_checksums)
+
+    def _upload_offset(self, task_id: str, size: int, identity: dict[str, str]) -> int:
         """How many bytes of these weights the site kept from an upload cut short."""
-        request = agent_pb2.UploadOffsetRequest(task_id=task_id, payload_size=size, payload_sha256=sha256)
+        request = agent_pb2.UploadOffsetRequest(task_id=task_id, payload_size=size, **identity)
         try:
             return self._stub.GetUploadOffset(request, timeout=self.timeout).offset
         except grpc.RpcError as exc:
@@ -210,7 +230,7 @@ class AgentClient(AgentCaller):
                 return 0
             raise
 
-    def _upload_probe(self, task_id: str, size: int, sha256: str) -> Callable[[float], object]:
+    def _upload_probe(self, task_id: str, size: int, identity: dict[str, str]) -> Callable[[float], object]:
         """What the site holds of an upload, asked over a connection of its own.
 
         The upload's own connection may have megabytes queued ahead of any new call; a
@@ -220,7 +240,7 @@ class AgentClient(AgentCaller):
             options = [*self._options, ("grpc.use_local_subchannel_pool", 1)]  # never the upload's connection
             self._probe_channel = grpc.secure_channel(self.address, self._credentials, options=options)
         stub = AgentStub(self._probe_channel)
-        request = agent_pb2.UploadOffsetRequest(task_id=task_id, payload_size=size, payload_sha256=sha256)
+        request = agent_pb2.UploadOffsetRequest(task_id=task_id, payload_size=size, **identity)
 
         def probe(timeout: float) -> object:
             try:
@@ -258,7 +278,7 @@ class AgentClient(AgentCaller):
         """Download a finished task's result (safetensors) to ``dest``; returns the task's state.
 
         ``dest`` appears only once the whole file arrived with the right size and
-        SHA-256. Its metadata says whether it holds full weights or a difference
+        checksum (XXH3-128 from an agent that speaks it, else SHA-256). Its metadata says whether it holds full weights or a difference
         (:data:`flare_provider.wire.tensors.RESULT_KIND_KEY`); ``num_samples`` and the
         metrics are in the returned state. The agent keeps its copy until :meth:`acknowledge`.
         Until then the bytes received are in ``<dest>.part``: a download cut short is
@@ -271,10 +291,10 @@ class AgentClient(AgentCaller):
     def _download(self, partial: PartialDownload, stats: TransferStats, max_bytes: int) -> TaskState:
         """One attempt at a result, from the bytes received so far on; decides what to keep of them."""
         what = f"result of task {partial.task_id}"
-        offset, digest = partial.resume_point()
+        offset = partial.resume_point()
         self._note_start("download", stats, offset)
         try:
-            return self._receive_result(partial, stats, offset, digest, max_bytes, what)
+            return self._receive_result(partial, stats, offset, max_bytes, what)
         except PayloadTruncated:
             raise  # a cut: what arrived is good and stays
         except PayloadTooLarge:
@@ -294,10 +314,10 @@ class AgentClient(AgentCaller):
             raise
 
     def _receive_result(
-        self, partial: PartialDownload, stats: TransferStats, offset: int, digest, max_bytes: int, what: str
+        self, partial: PartialDownload, stats: TransferStats, offset: int, max_bytes: int, what: str
     ) -> TaskState:
         watchdog = IdleWatchdog(self.idle_timeout, stats, "received")
-        request = agent_pb2.FetchResultRequest(task_id=partial.task_id, offset=offset)
+        request = agent_pb2.FetchResultRequest(task_id=partial.task_id, offset=offset, checksums=FAST_CHECKSUMS)
         replies = self._stub.FetchResult(request, timeout=self._time_left(stats))
         try:
             with watchdog.watching(replies.cancel):
@@ -308,81 +328,23 @@ class AgentClient(AgentCaller):
                 if header.offset != offset:
                     if header.offset:
                         raise PayloadError(f"{what}: asked for bytes from {offset} on, the agent sends from {header.offset}")
-                    offset, digest = 0, None  # an agent that cannot resume sends all of it
-                writer = PayloadWriter(partial.open(header.payload_size, offset), header.payload_size, what, offset, digest)
+                    offset = 0  # an agent that cannot resume sends all of it
+                checksum = header.checksum or SHA256  # what the agent chose of those offered; "" from one that offers none
+                if checksum != SHA256 and checksum not in FAST_CHECKSUMS:
+                    raise PayloadError(f"{what}: the agent checks it with {checksum!r}, which was not offered")
+                stats.checksum = checksum
+                digest = partial.prefix_digest(offset, checksum) if offset else None
+                out = partial.open(header.payload_size, offset)
+                writer = PayloadWriter(out, header.payload_size, what, offset, digest, checksum)
                 try:
                     writer.receive(messages)
                 except BaseException:
-                    partial.keep(writer.received, writer.digest)
+                    partial.keep(writer.received, checksum, writer.digest)
                     raise
                 partial.finish()
         finally:
             replies.cancel()  # a stream given up is freed on the agent at once; a no-op once it ended
         return TaskState.from_message(header.state)
-
-    # ---- transfers -------------------------------------------------------------------
-
-    def _send_stream(self, rpc, messages: Iterator, stats: TransferStats, timeout: float | None, probe=None):
-        """A client-streaming call that is cancelled when nothing moves for ``idle_timeout``."""
-        watchdog = IdleWatchdog(self.idle_timeout, stats, "sent", probe)
-        call = rpc.future(counted(messages, stats, watchdog), timeout=timeout)
-        with watchdog.watching(call.cancel):
-            return call.result()
-
-    def _resuming(self, method: str, stats: TransferStats, attempt: Callable[[], T]) -> T:
-        """``attempt()`` until it succeeds; a transfer cut on the way is tried again, resuming.
-
-        Not when it never got going (a site down from the start is the caller's to wait
-        for), after ``resume_attempts`` tries in a row that moved nothing, once nothing
-        moved for ``idle_timeout``, or past ``transfer_timeout``.
-        """
-        fruitless = 0
-        while True:
-            before = stats.transferred_bytes
-            stats.attempts += 1
-            try:
-                result = attempt()
-            except (grpc.RpcError, PayloadError, TransferStalled, StartOver) as exc:
-                fruitless = 0 if stats.transferred_bytes > before else fruitless + 1
-                if not (is_cut(exc) and self._may_resume(stats, fruitless, exc)):
-                    raise self._error(method, exc) from None
-                if isinstance(exc, grpc.RpcError) and held_bytes(exc) is not None:
-                    continue  # not a cut: the site holds bytes from before and said how many; send the rest now
-                wait = min(RESUME_BACKOFF_S[1], RESUME_BACKOFF_S[0] * 2**fruitless)
-                log.warning(
-                    "site %s: %s of task %s cut after %s moved (%s); resuming in %.1f s",
-                    self.site, method, stats.task_id, format_bytes(stats.transferred_bytes), describe_failure(exc), wait,
-                )
-                time.sleep(wait)
-                continue
-            stats.completed = True
-            return result
-
-    def _may_resume(self, stats: TransferStats, fruitless: int, exc: Exception) -> bool:
-        # Either bytes moved, or the site itself answered: the link works, it is worth another go.
-        answered = isinstance(exc, StartOver) or (isinstance(exc, grpc.RpcError) and exc.code() in AGENT_SAYS_RESUME)
-        if not (stats.transferred_bytes > 0 or answered) or fruitless > self.resume_attempts:
-            return False
-        if self.idle_timeout and stats.idle_for() >= self.idle_timeout:
-            return False
-        return self._time_left(stats) is None or self._time_left(stats) > 0
-
-    def _time_left(self, stats: TransferStats) -> float | None:
-        """What remains of ``transfer_timeout`` for this transfer (None: no bound)."""
-        if self.transfer_timeout is None:
-            return None
-        return max(0.0, self.transfer_timeout - (time.monotonic() - stats.started))
-
-    def _note_start(self, what: str, stats: TransferStats, offset: int) -> None:
-        if stats.attempts == 1:
-            stats.start_offset = offset
-        else:
-            stats.resumed_at.append(offset)
-        if offset:
-            log.info(
-                "site %s: resuming the %s of task %s at byte %d%s (attempt %d)", self.site, what, stats.task_id, offset,
-                f" of {stats.payload_bytes}" if stats.payload_bytes else "", stats.attempts,
-            )
 
     def acknowledge(self, task_id: str) -> None:
         """Tell the site its result is safe here; it deletes its copy."""

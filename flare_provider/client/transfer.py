@@ -11,7 +11,6 @@ file while it is incomplete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from ..files import file_digest
+from ..wire.checksums import SHA256, XXH3_128, new_hash
 from ..wire.chunks import HELD_BYTES_KEY, PayloadTruncated, Source, format_bytes, hash_prefix
 
 # What a stream cut on the way ends with, on either side; a new stream takes up from the offset.
@@ -56,6 +55,7 @@ class TransferStats:
     start_offset: int = 0  # bytes the receiving end held already when the transfer began
     transferred_bytes: int = 0  # payload bytes sent or received, every attempt counted
     attempts: int = 0
+    checksum: str = ""  # what the payload was checked with: "sha256" or "xxh3-128"
     resumed_at: list[int] = field(default_factory=list)  # where each attempt after a cut started
     completed: bool = False
     started: float = field(default_factory=time.monotonic, repr=False)  # time.monotonic()
@@ -177,54 +177,56 @@ _digest_locks: dict[tuple, threading.Lock] = {}
 _digests_lock = threading.Lock()
 
 
-def payload_identity(source: Source) -> tuple[int, str]:
-    """Size and SHA-256 of what is about to be uploaded: what the agent keeps a cut upload under.
+def payload_identity(source: Source, checksum: str = SHA256) -> tuple[int, str]:
+    """Size and ``checksum`` digest of what is about to be uploaded: what the agent keeps a cut upload under.
 
     A file's digest is remembered while the file is unchanged, and computed once when
     threads upload the same file to several sites at the same time.
     """
     if isinstance(source, bytes):
-        return len(source), hashlib.sha256(source).hexdigest()
+        digest = new_hash(checksum)
+        digest.update(source)
+        return len(source), digest.hexdigest()
     path = Path(source).resolve()
     st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, checksum)
     with _digests_lock:
         lock = _digest_locks.setdefault(key, threading.Lock())
     with lock:
         if key not in _digests:
-            sha256, size = file_digest(path)
-            if size != st.st_size:
+            digest = hash_prefix(path, st.st_size, checksum=checksum)
+            if path.stat().st_size != st.st_size:
                 raise OSError(f"{path} changed while it was being read")
-            with _digests_lock:
-                while len(_digests) >= _DIGEST_CACHE_SIZE:
-                    _digest_locks.pop(next(iter(_digests)), None)
-                    _digests.pop(next(iter(_digests)))
-                _digests[key] = sha256
+            _remember(key, digest.hexdigest())
         return st.st_size, _digests[key]
 
 
-def remember_digest(path: str | os.PathLike, sha256: str) -> None:
-    """Note the SHA-256 of a file just written (hashed as it was written), so that uploading
-    it to any number of sites reads and hashes it no more (see :func:`payload_identity`)."""
+def remember_digest(path: str | os.PathLike, checksum: str, digest: str) -> None:
+    """Note the ``checksum`` digest of a file just written (hashed as it was written), so that
+    uploading it to any number of sites reads and hashes it no more (see :func:`payload_identity`)."""
     path = Path(path).resolve()
     st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    _remember((str(path), st.st_size, st.st_mtime_ns, st.st_ino, checksum), digest)
+
+
+def _remember(key: tuple, digest: str) -> None:
     with _digests_lock:
         while len(_digests) >= _DIGEST_CACHE_SIZE:
             _digest_locks.pop(next(iter(_digests)), None)
             _digests.pop(next(iter(_digests)))
-        _digests[key] = sha256
+        _digests[key] = digest
 
 
 def save_for_upload(tensors, path: Path) -> None:
     """Write ``tensors`` to a scratch safetensors file to upload, hashed as it is written:
     sending it to any number of sites then neither reads it back to hash it nor hashes it
-    per site."""
+    per site. The hash is XXH3-128, what agents that speak it get; an agent that does
+    not (or a model small enough to go without asking) gets SHA-256, hashed once on demand."""
     from ..wire.tensors import save_file  # numpy: imported only where weights are handled
 
-    digest = hashlib.sha256()
+    digest = new_hash(XXH3_128)
     save_file(tensors, path, durable=False, digest=digest)
-    remember_digest(path, digest.hexdigest())
+    remember_digest(path, XXH3_128, digest.hexdigest())
 
 
 # ---- a download's file while it is incomplete ----------------------------------------------
@@ -242,22 +244,29 @@ class PartialDownload:
         self.task_id = task_id
         self.part = dest.with_name(dest.name + ".part")
         self.record = dest.with_name(dest.name + ".part.json")
-        self._digest_at: tuple[int, int, object] | None = None  # (length, mtime, running SHA-256) after the last attempt
+        # (length, mtime, checksum, running digest) after the last attempt
+        self._digest_at: tuple[int, int, str, object] | None = None
         self._file = None
 
-    def resume_point(self) -> tuple[int, object | None]:
-        """How many bytes of this task's result are here, and their running digest (None: none)."""
+    def resume_point(self) -> int:
+        """How many bytes of this task's result are here (0: none usable)."""
         try:
             record = json.loads(self.record.read_text())
-            stat = self.part.stat()
+            held = self.part.stat().st_size
         except (OSError, ValueError):
-            return 0, None
-        held = stat.st_size
-        if record.get("task_id") != self.task_id or held > record.get("payload_size", -1) or held == 0:
-            return 0, None
-        if self._digest_at is not None and self._digest_at[:2] == (held, stat.st_mtime_ns):
-            return held, self._digest_at[2].copy()
-        return held, hash_prefix(self.part, held)
+            return 0
+        if record.get("task_id") != self.task_id or held > record.get("payload_size", -1):
+            return 0
+        return held
+
+    def prefix_digest(self, held: int, checksum: str):
+        """The running ``checksum`` digest of the part's first ``held`` bytes (kept from the
+        last attempt when the part is as it left it, read and hashed otherwise)."""
+        if self._digest_at is not None:
+            length, mtime, kept_checksum, digest = self._digest_at
+            if (length, mtime, kept_checksum) == (held, self.part.stat().st_mtime_ns, checksum):
+                return digest.copy()
+        return hash_prefix(self.part, held, checksum=checksum)
 
     def open(self, payload_size: int, offset: int):
         """The part file, holding this result's first ``offset`` bytes, open to write what follows."""
@@ -273,12 +282,12 @@ class PartialDownload:
         self._file.seek(offset)
         return self._file
 
-    def keep(self, received: int, digest) -> None:
+    def keep(self, received: int, checksum: str, digest) -> None:
         """The stream broke: what was written stays for the next attempt."""
         if self._file is not None:
             self._file.close()
             self._file = None
-            self._digest_at = (received, self.part.stat().st_mtime_ns, digest.copy())
+            self._digest_at = (received, self.part.stat().st_mtime_ns, checksum, digest.copy())
 
     def finish(self) -> None:
         """The whole result arrived and verified: it becomes ``dest``."""

@@ -15,12 +15,14 @@ class DataChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PayloadEnd(_message.Message):
-    __slots__ = ("size", "sha256")
+    __slots__ = ("size", "sha256", "xxh3_128")
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    XXH3_128_FIELD_NUMBER: _ClassVar[int]
     size: int
     sha256: str
-    def __init__(self, size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    xxh3_128: str
+    def __init__(self, size: _Optional[int] = ..., sha256: _Optional[str] = ..., xxh3_128: _Optional[str] = ...) -> None: ...
 
 class AppInfo(_message.Message):
     __slots__ = ("name", "version", "has_custom_code", "deployed_at", "consent_status", "consent_reason", "missing_requirements")
@@ -65,7 +67,7 @@ class DeployAppReply(_message.Message):
     def __init__(self, app: _Optional[_Union[AppInfo, _Mapping]] = ..., newly_deployed: _Optional[bool] = ...) -> None: ...
 
 class SubmitTaskHeader(_message.Message):
-    __slots__ = ("task_id", "app_name", "app_version", "round", "kind", "config_json", "num_gpus", "payload_size", "payload_sha256", "offset", "num_processes")
+    __slots__ = ("task_id", "app_name", "app_version", "round", "kind", "config_json", "num_gpus", "payload_size", "payload_sha256", "offset", "num_processes", "payload_xxh3_128")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     APP_NAME_FIELD_NUMBER: _ClassVar[int]
     APP_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +79,7 @@ class SubmitTaskHeader(_message.Message):
     PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     NUM_PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_XXH3_128_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     app_name: str
     app_version: str
@@ -88,7 +91,8 @@ class SubmitTaskHeader(_message.Message):
     payload_sha256: str
     offset: int
     num_processes: int
-    def __init__(self, task_id: _Optional[str] = ..., app_name: _Optional[str] = ..., app_version: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., config_json: _Optional[str] = ..., num_gpus: _Optional[int] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[str] = ..., offset: _Optional[int] = ..., num_processes: _Optional[int] = ...) -> None: ...
+    payload_xxh3_128: str
+    def __init__(self, task_id: _Optional[str] = ..., app_name: _Optional[str] = ..., app_version: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., config_json: _Optional[str] = ..., num_gpus: _Optional[int] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[str] = ..., offset: _Optional[int] = ..., num_processes: _Optional[int] = ..., payload_xxh3_128: _Optional[str] = ...) -> None: ...
 
 class SubmitTaskRequest(_message.Message):
     __slots__ = ("header", "chunk", "end")
@@ -115,14 +119,16 @@ class TaskRef(_message.Message):
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class UploadOffsetRequest(_message.Message):
-    __slots__ = ("task_id", "payload_size", "payload_sha256")
+    __slots__ = ("task_id", "payload_size", "payload_sha256", "payload_xxh3_128")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_XXH3_128_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     payload_size: int
     payload_sha256: str
-    def __init__(self, task_id: _Optional[str] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[str] = ...) -> None: ...
+    payload_xxh3_128: str
+    def __init__(self, task_id: _Optional[str] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[str] = ..., payload_xxh3_128: _Optional[str] = ...) -> None: ...
 
 class UploadOffsetReply(_message.Message):
     __slots__ = ("offset", "task_exists")
@@ -205,22 +211,26 @@ class MetricPoint(_message.Message):
     def __init__(self, step: _Optional[int] = ..., time: _Optional[float] = ..., values: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class FetchResultRequest(_message.Message):
-    __slots__ = ("task_id", "offset")
+    __slots__ = ("task_id", "offset", "checksums")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     offset: int
-    def __init__(self, task_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    checksums: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task_id: _Optional[str] = ..., offset: _Optional[int] = ..., checksums: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FetchResultHeader(_message.Message):
-    __slots__ = ("state", "payload_size", "offset")
+    __slots__ = ("state", "payload_size", "offset", "checksum")
     STATE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     state: TaskState
     payload_size: int
     offset: int
-    def __init__(self, state: _Optional[_Union[TaskState, _Mapping]] = ..., payload_size: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    checksum: str
+    def __init__(self, state: _Optional[_Union[TaskState, _Mapping]] = ..., payload_size: _Optional[int] = ..., offset: _Optional[int] = ..., checksum: _Optional[str] = ...) -> None: ...
 
 class FetchResultReply(_message.Message):
     __slots__ = ("header", "chunk", "end")
@@ -253,7 +263,7 @@ class Identity(_message.Message):
     def __init__(self, name: _Optional[str] = ..., org: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("project", "site", "org", "version", "gpus", "allow_custom_code", "apps", "active_tasks", "task_counts", "started_at", "caller", "attachments", "data_version", "data_version_source", "data_version_seen_at", "custom_code_policy")
+    __slots__ = ("project", "site", "org", "version", "gpus", "allow_custom_code", "apps", "active_tasks", "task_counts", "started_at", "caller", "attachments", "data_version", "data_version_source", "data_version_seen_at", "custom_code_policy", "payload_checksums")
     class TaskCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +287,7 @@ class AgentStatus(_message.Message):
     DATA_VERSION_SOURCE_FIELD_NUMBER: _ClassVar[int]
     DATA_VERSION_SEEN_AT_FIELD_NUMBER: _ClassVar[int]
     CUSTOM_CODE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     project: str
     site: str
     org: str
@@ -293,7 +304,8 @@ class AgentStatus(_message.Message):
     data_version_source: str
     data_version_seen_at: float
     custom_code_policy: str
-    def __init__(self, project: _Optional[str] = ..., site: _Optional[str] = ..., org: _Optional[str] = ..., version: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., allow_custom_code: _Optional[bool] = ..., apps: _Optional[_Iterable[_Union[AppInfo, _Mapping]]] = ..., active_tasks: _Optional[_Iterable[_Union[TaskState, _Mapping]]] = ..., task_counts: _Optional[_Mapping[str, int]] = ..., started_at: _Optional[float] = ..., caller: _Optional[_Union[Identity, _Mapping]] = ..., attachments: _Optional[_Iterable[_Union[RelayAttachment, _Mapping]]] = ..., data_version: _Optional[str] = ..., data_version_source: _Optional[str] = ..., data_version_seen_at: _Optional[float] = ..., custom_code_policy: _Optional[str] = ...) -> None: ...
+    payload_checksums: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, project: _Optional[str] = ..., site: _Optional[str] = ..., org: _Optional[str] = ..., version: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., allow_custom_code: _Optional[bool] = ..., apps: _Optional[_Iterable[_Union[AppInfo, _Mapping]]] = ..., active_tasks: _Optional[_Iterable[_Union[TaskState, _Mapping]]] = ..., task_counts: _Optional[_Mapping[str, int]] = ..., started_at: _Optional[float] = ..., caller: _Optional[_Union[Identity, _Mapping]] = ..., attachments: _Optional[_Iterable[_Union[RelayAttachment, _Mapping]]] = ..., data_version: _Optional[str] = ..., data_version_source: _Optional[str] = ..., data_version_seen_at: _Optional[float] = ..., custom_code_policy: _Optional[str] = ..., payload_checksums: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RelayAttachment(_message.Message):
     __slots__ = ("relay", "address", "connected_since", "last_ping", "attached", "error")

@@ -106,7 +106,7 @@ class FlareAgentServicer:
     def SubmitTask(self, request_iterator, context):
         """Start a task: header with the task's spec, then the global weights (safetensors).
         Idempotent by task_id: a known task is returned as it is and never trained twice.
-        An upload that names its payload_sha256 and is cut short is kept by the agent; the
+        An upload that names its payload_sha256 (or payload_xxh3_128) and is cut short is kept by the agent; the
         next one sends only the rest (header.offset). A stream whose offset does not match
         what the agent holds is refused with ABORTED and the trailing metadata
         "flare-held-bytes" saying how many bytes it holds.

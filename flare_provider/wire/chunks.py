@@ -4,20 +4,20 @@ Every payload stream of the contract (``DeployAppRequest``, ``SubmitTaskRequest`
 ``FetchResultReply``) is a message with a ``part`` oneof of ``header``, ``chunk`` and
 ``end``. The sender reads its source once, in chunks, hashing as it goes unless it knows
 the digest already (a global model sent to many sites is hashed once); the receiver
-writes the chunks to a temporary file, checking order, size and SHA-256 on the way, and
-keeps nothing when anything is wrong. Memory stays at one chunk either way, so the
+writes the chunks to a temporary file, checking order, size and checksum on the way
+(SHA-256, or XXH3-128 where both ends agreed on it: see :mod:`.checksums`), and keeps
+nothing when anything is wrong. Memory stays at one chunk either way, so the
 model size is bounded by disk, never by gRPC's message size limit.
 
 A payload may also be sent from an offset, to finish one whose stream was cut: chunks
 carry their offsets within the whole payload, and the end marker always holds the whole
-payload's size and SHA-256, so the receiver, which kept the bytes before the offset,
+payload's size and checksum, so the receiver, which kept the bytes before the offset,
 checks the whole file. :class:`PayloadWriter` is the receiving half: after a cut it
 still knows how many bytes it wrote and their running digest.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import tempfile
@@ -28,6 +28,7 @@ from typing import BinaryIO, TypeVar
 
 from ..files import start_writeback
 from . import agent_pb2
+from .checksums import SHA256, display_name, end_digest, end_fields, new_hash
 from .payload_codec import Chunk
 
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -76,13 +77,13 @@ def payload_size(source: Source) -> int:
     return len(source) if isinstance(source, bytes) else os.stat(source).st_size
 
 
-def hash_prefix(source: Source | BinaryIO, length: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
-    """A SHA-256 hash object fed with the first ``length`` bytes of ``source``.
+def hash_prefix(source: Source | BinaryIO, length: int, chunk_size: int = DEFAULT_CHUNK_SIZE, checksum: str = SHA256):
+    """A ``checksum`` hash object fed with the first ``length`` bytes of ``source``.
 
     A file object is read from its start and left at ``length``. A source shorter than
     ``length`` is a :class:`PayloadError`.
     """
-    digest = hashlib.sha256()
+    digest = new_hash(checksum)
     if isinstance(source, bytes):
         if len(source) < length:
             raise PayloadError(f"the payload holds {len(source)} bytes, fewer than the {length} expected")
@@ -126,16 +127,18 @@ def send_payload(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     size: int | None = None,
     offset: int = 0,
-    sha256: str | None = None,
+    digest: str | None = None,
+    checksum: str = SHA256,
 ) -> Iterator[Message]:
     """The messages of one payload stream: ``header``, the chunks of ``source``, the end.
 
     ``source`` is bytes, a file path or a seekable binary file object (``size`` is then
     required). ``header.payload_size`` is filled in, and ``header.offset`` when sending
     from ``offset`` on: the chunks start there, and the end marker still carries the
-    whole payload's size and SHA-256. That digest is ``sha256`` when the caller knows it
-    (then nothing is hashed here: the receiver checks the bytes against it); otherwise
-    the payload is hashed as it is read, the bytes before ``offset`` too. Arguments are
+    whole payload's size and ``checksum`` (the receiver must expect that one). The digest
+    is ``digest`` when the caller knows it (then nothing is hashed here: the receiver
+    checks the bytes against it); otherwise the payload is hashed as it is read, the
+    bytes before ``offset`` too. Arguments are
     checked now, in the caller's thread; the returned iterator reads lazily, so gRPC
     pulls one chunk at a time.
     """
@@ -148,17 +151,19 @@ def send_payload(
     header.payload_size = size
     if offset:
         header.offset = offset
-    return _payload_messages(message_type, header, source, chunk_size, size, offset, sha256)
+    new_hash(checksum)  # an unknown checksum fails here too
+    return _payload_messages(message_type, header, source, chunk_size, size, offset, digest, checksum)
 
 
 def _payload_messages(
-    message_type: type[Message], header, source, chunk_size: int, size: int, offset: int, sha256: str | None
+    message_type: type[Message], header, source, chunk_size: int, size: int, offset: int, known: str | None,
+    checksum: str,
 ) -> Iterator[Message]:
     yield message_type(header=header)
     # With a known digest (one hash of a file sent to many sites) nothing is hashed here:
     # the receiver checks every byte against it, and refuses a file changed mid-send.
     # Without one, the bytes before the offset are read and hashed too.
-    digest = None if sha256 else hash_prefix(source, offset, chunk_size)
+    digest = None if known else hash_prefix(source, offset, chunk_size, checksum)
     # Hashed in turn, not behind on a second thread as the receiver writes: measured, that
     # made a download slower (0.28 against 0.33 GB/s alone, 512 MiB, 2 cores).
     position = offset
@@ -170,7 +175,7 @@ def _payload_messages(
     if position != size:
         # the file changed while it was being sent; the receiver would refuse it anyway
         raise PayloadError(f"the payload changed while being sent: announced {size} bytes, read {position}")
-    yield message_type(end=agent_pb2.PayloadEnd(size=position, sha256=sha256 or digest.hexdigest()))
+    yield message_type(end=agent_pb2.PayloadEnd(size=position, **end_fields(checksum, known or digest.hexdigest())))
 
 
 def read_header(messages: Iterator, what: str):
@@ -199,11 +204,12 @@ def receive_payload(
     directory: str | os.PathLike,
     max_size: int,
     what: str,
+    checksum: str = SHA256,
 ) -> Path:
     """Write the chunks that follow a header to a new file in ``directory``; return its path.
 
     The file appears only when the stream ended with an end marker whose size and
-    SHA-256 match what arrived; on any problem it is removed and :class:`PayloadError`
+    ``checksum`` match what arrived; on any problem it is removed and :class:`PayloadError`
     (or :class:`PayloadTooLarge`) says what went wrong. The caller owns the returned
     file (move it into place or delete it).
     """
@@ -211,7 +217,7 @@ def receive_payload(
     fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=".part", dir=directory)
     try:
         with os.fdopen(fd, "wb") as out:
-            PayloadWriter(out, announced_size, what).receive(messages)
+            PayloadWriter(out, announced_size, what, checksum=checksum).receive(messages)
             out.flush()
             os.fsync(out.fileno())
     except BaseException:
@@ -221,10 +227,10 @@ def receive_payload(
 
 
 class PayloadWriter:
-    """Writes the chunks of one payload to ``out``, checking order, size and SHA-256.
+    """Writes the chunks of one payload to ``out``, checking order, size and ``checksum``.
 
     ``out`` already holds the payload's first ``start`` bytes, whose running ``digest``
-    is given (a fresh one for ``start`` 0). ``received`` and ``digest`` describe exactly
+    (of ``checksum``) is given (a fresh one for ``start`` 0). ``received`` and ``digest`` describe exactly
     the bytes handed to ``out``, also after :meth:`receive` raised: that is what a cut
     transfer keeps and resumes from.
 
@@ -234,7 +240,7 @@ class PayloadWriter:
     in turn left the connection idle for each chunk's write and hash.
     """
 
-    def __init__(self, out: BinaryIO, announced: int, what: str, start: int = 0, digest=None):
+    def __init__(self, out: BinaryIO, announced: int, what: str, start: int = 0, digest=None, checksum: str = SHA256):
         if start > announced:
             raise PayloadError(f"{what}: {start} bytes held, more than the {announced} announced")
         self.out = out
@@ -242,7 +248,8 @@ class PayloadWriter:
         self.what = what
         self.received = start
         self.accepted = start  # bytes checked and handed on: received, or queued to be written
-        self.digest = digest if digest is not None else hashlib.sha256()
+        self.checksum = checksum
+        self.digest = digest if digest is not None else new_hash(checksum)
         self._written_back = start
 
     def receive(self, messages: Iterable) -> None:
@@ -310,9 +317,12 @@ class PayloadWriter:
                 f"{self.what}: size mismatch: {self.received} bytes received, {self.announced} announced, "
                 f"{end.size} in the end marker (truncated?)"
             )
-        sha256 = self.digest.hexdigest()
-        if end.sha256.lower() != sha256:
-            raise PayloadError(f"{self.what}: SHA-256 mismatch: the sender says {end.sha256}, the data received hashes to {sha256}")
+        stated, actual = end_digest(end, self.checksum).lower(), self.digest.hexdigest()
+        if stated != actual:
+            raise PayloadError(
+                f"{self.what}: {display_name(self.checksum)} mismatch: the sender says {stated or 'nothing'}, "
+                f"the data received hashes to {actual}"
+            )
 
 
 class _WriteBehind:

@@ -77,7 +77,10 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 def encode_chunk(chunk: Chunk) -> bytes:
     """The serialized payload message whose ``part`` is ``chunk`` (one copy of its data)."""
-    inner = (bytes((_OFFSET_TAG,)) + _varint(chunk.offset) if chunk.offset else b"") + bytes((_CHUNK_TAG,)) + _varint(len(chunk.data))
+    # proto3 leaves out fields that hold their default (offset 0, empty data): so do we.
+    inner = bytes((_OFFSET_TAG,)) + _varint(chunk.offset) if chunk.offset else b""
+    if len(chunk.data):
+        inner += bytes((_CHUNK_TAG,)) + _varint(len(chunk.data))
     return b"".join((bytes((_CHUNK_TAG,)), _varint(len(inner) + len(chunk.data)), inner, chunk.data))
 
 

@@ -1,10 +1,11 @@
 """Uploads of global weights cut short, kept on disk so that the next upload sends only the rest.
 
-An upload that announced its size and SHA-256 is written straight into
-``<incoming>/.upload-<task_id>+<size>+<sha256>``. When its stream breaks, the bytes that
+An upload that announced its size and digest (SHA-256, or XXH3-128 from a sender that
+knows this agent speaks it) is written straight into
+``<incoming>/.upload-<task_id>+<size>+<digest>``. When its stream breaks, the bytes that
 arrived stay there (across an agent restart too), and a new stream of the *same* payload
 (same task id, size and digest: the file name says so) continues from them; a different
-payload for that task id never touches them. The whole file's SHA-256 is checked at the
+payload for that task id never touches them. The whole file's digest is checked at the
 end as for any upload, so kept bytes that went bad fail the upload rather than a task.
 
 One stream writes a kept upload at a time: a new stream of the same payload takes it over
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import tempfile
 import threading
 import time
@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from flare_provider.wire.checksums import SHA256, XXH3_128, display_name, is_digest
 from flare_provider.wire.chunks import PARTIAL_PREFIX, PayloadError, PayloadTruncated, PayloadWriter, hash_prefix
 
 from ..errors import InvalidTaskError
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 KEPT_UPLOAD_PREFIX = ".upload-"  # not PARTIAL_PREFIX: the agent clears those at start, these outlive a restart
 KEPT_UPLOAD_TTL_S = 24 * 3600.0  # a server retrying a transfer comes back well within this
 MAX_KEPT_UPLOADS = 4  # a site takes one task per round of each run: a few cut uploads at a time at most
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_CHECKSUM_BY_LENGTH = {64: SHA256, 32: XXH3_128}  # a kept upload's file name gives its digest only
 _SEPARATOR = "+"  # never in a task id, so a file name splits back into its key
 
 
@@ -61,28 +62,43 @@ class KeptUploadCorrupt(PayloadError):
 
 @dataclass(frozen=True)
 class UploadKey:
-    """Which payload an upload is: the task it is for, its size and its SHA-256."""
+    """Which payload an upload is: the task it is for, its size and its digest (of ``checksum``)."""
 
     task_id: str
     size: int
-    sha256: str
+    digest: str
+    checksum: str = SHA256
 
     def __post_init__(self) -> None:
         if not TASK_ID_RE.match(self.task_id) or self.task_id.startswith("."):
             raise InvalidTaskError(f"task {self.task_id!r}: task_id must be 1-128 letters, digits, '.', '_', ':' or '-'")
-        if not _SHA256_RE.match(self.sha256):
-            raise InvalidTaskError(f"task {self.task_id}: payload_sha256 must be 64 lowercase hex digits")
+        if not is_digest(self.checksum, self.digest):
+            field = "payload_xxh3_128" if self.checksum == XXH3_128 else "payload_sha256"
+            raise InvalidTaskError(
+                f"task {self.task_id}: {field} must be {'32' if self.checksum == XXH3_128 else '64'} lowercase hex digits "
+                f"(its {display_name(self.checksum)})"
+            )
+
+    @classmethod
+    def named_by(cls, message) -> "UploadKey | None":
+        """The key a ``SubmitTaskHeader`` or ``UploadOffsetRequest`` names: by its XXH3-128
+        or SHA-256, whichever the sender set; None when it set neither."""
+        if message.payload_xxh3_128:
+            return cls(message.task_id, message.payload_size, message.payload_xxh3_128, XXH3_128)
+        if message.payload_sha256:
+            return cls(message.task_id, message.payload_size, message.payload_sha256)
+        return None
 
     @property
     def file_name(self) -> str:
-        return f"{KEPT_UPLOAD_PREFIX}{self.task_id}{_SEPARATOR}{self.size}{_SEPARATOR}{self.sha256}"
+        return f"{KEPT_UPLOAD_PREFIX}{self.task_id}{_SEPARATOR}{self.size}{_SEPARATOR}{self.digest}"
 
     @classmethod
     def from_file_name(cls, name: str) -> "UploadKey | None":
         try:
-            task_id, size, sha256 = name.removeprefix(KEPT_UPLOAD_PREFIX).rsplit(_SEPARATOR, 2)
-            return cls(task_id, int(size), sha256)
-        except (ValueError, InvalidTaskError):
+            task_id, size, digest = name.removeprefix(KEPT_UPLOAD_PREFIX).rsplit(_SEPARATOR, 2)
+            return cls(task_id, int(size), digest, _CHECKSUM_BY_LENGTH[len(digest)])
+        except (ValueError, KeyError, InvalidTaskError):
             return None
 
 
@@ -206,11 +222,13 @@ class PartialUploads:
         resumed upload does not verify as a whole).
         """
         upload = self.claim(key, offset, on_superseded)
-        writer = PayloadWriter(upload, key.size, what, upload.start, upload.digest)
+        writer = PayloadWriter(upload, key.size, what, upload.start, upload.digest, key.checksum)
         try:
             writer.receive(messages)
-            if writer.digest.hexdigest() != key.sha256:
-                raise PayloadError(f"{what}: the payload received is not the one announced (payload_sha256 {key.sha256})")
+            if writer.digest.hexdigest() != key.digest:
+                raise PayloadError(
+                    f"{what}: the payload received is not the one announced ({display_name(key.checksum)} {key.digest})"
+                )
         except (PayloadTruncated, UploadConflict) as exc:
             if not upload.keep(writer.received, writer.digest) or isinstance(exc, UploadConflict):
                 raise UploadConflict(f"{what}: taken over by a newer upload of the same payload") from None
@@ -273,7 +291,7 @@ class PartialUploads:
         if as_left and cached[0] == offset:
             digest = cached[2].copy()
         else:  # after an agent restart, or resuming at another point: hash the kept bytes once
-            digest = hash_prefix(path, offset)
+            digest = hash_prefix(path, offset, checksum=key.checksum)
         upload = KeptUpload(self, key, slot, offset, digest, on_superseded)
         slot.owner, slot.digest_at = upload, None
         return upload

@@ -25,6 +25,7 @@ import grpc
 from flare_provider import __version__
 from flare_provider.provisioning.certs import PeerIdentity
 from flare_provider.wire import agent_pb2, agent_pb2_grpc
+from flare_provider.wire.checksums import FAST_CHECKSUMS, SHA256, fastest_shared
 from flare_provider.wire.chunks import (
     DEFAULT_CHUNK_SIZE,
     HELD_BYTES_KEY,
@@ -251,6 +252,7 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
                 for a in self.attachments()
             ],
             data_version=data.version, data_version_source=data.source, data_version_seen_at=data.seen_at,
+            payload_checksums=FAST_CHECKSUMS,
         )
 
     # ---- apps --------------------------------------------------------------------------
@@ -298,23 +300,23 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
     def _receive_weights(self, header: agent_pb2.SubmitTaskHeader, messages, context) -> Path:
         """The global weights of a submission, in a file of their own once all arrived and verified.
 
-        An upload that names its SHA-256 is kept when its stream breaks, and one that
+        An upload that names its digest (SHA-256 or XXH3-128) is kept when its stream breaks, and one that
         starts at ``header.offset`` continues what was kept (see :mod:`..runtime.upload_staging`).
         """
         what = f"global weights of task {header.task_id}"
         check_announced_size(header.payload_size, self.limits.max_weights_bytes, what)
-        if not header.payload_sha256:  # a sender that cannot resume: nothing is kept on a problem
+        key = UploadKey.named_by(header)
+        if key is None:  # a sender that cannot resume: nothing is kept on a problem
             if header.offset:
-                raise PayloadError(f"{what}: an upload from an offset must name its payload_sha256")
+                raise PayloadError(f"{what}: an upload from an offset must name its payload_sha256 or payload_xxh3_128")
             incoming = self.tasks.incoming_dir
             return receive_payload(messages, header.payload_size, incoming, self.limits.max_weights_bytes, what)
-        key = UploadKey(header.task_id, header.payload_size, header.payload_sha256)
         messages = _cut_when_cancelled(messages)
         return self.tasks.uploads.receive(key, header.offset, messages, what, on_superseded=context.cancel)
 
     @_rpc(Action.SUBMIT)
     def GetUploadOffset(self, request, context, call):
-        key = UploadKey(request.task_id, request.payload_size, request.payload_sha256)
+        key = UploadKey.named_by(request) or UploadKey(request.task_id, request.payload_size, "")  # no digest: refused by name
         check_announced_size(key.size, self.limits.max_weights_bytes, f"global weights of task {key.task_id}")
         # Also the sender's probe of progress while an upload runs: answered without waiting on the tasks.
         held = self.tasks.uploads.offset(key)
@@ -370,8 +372,11 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
             offset = request.offset  # the bytes a download cut short has already
             if offset > size:
                 raise ResultOffsetOutOfRange(f"result of task {request.task_id}: offset {offset} is beyond its {size} bytes")
-            header = agent_pb2.FetchResultHeader(state=state.to_message())
-            yield from send_payload(agent_pb2.FetchResultReply, header, f, self.limits.chunk_size, size, offset=offset)
+            checksum = fastest_shared(request.checksums)  # SHA-256 for a client that offers nothing else
+            header = agent_pb2.FetchResultHeader(state=state.to_message(), checksum="" if checksum == SHA256 else checksum)
+            yield from send_payload(
+                agent_pb2.FetchResultReply, header, f, self.limits.chunk_size, size, offset=offset, checksum=checksum
+            )
         log.info("result of task %s sent (bytes %d to %d)", request.task_id, offset, size, extra={"task_id": request.task_id})
 
     @_rpc(Action.ACKNOWLEDGE)

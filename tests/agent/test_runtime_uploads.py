@@ -38,7 +38,7 @@ def uploads(tmp_path) -> PartialUploads:
 
 
 def test_a_key_names_a_valid_task_and_digest():
-    for task_id, sha in (("../escape", KEY.sha256), (".hidden", KEY.sha256), ("t", "ABC"), ("t", KEY.sha256.upper())):
+    for task_id, sha in (("../escape", KEY.digest), (".hidden", KEY.digest), ("t", "ABC"), ("t", KEY.digest.upper())):
         with pytest.raises(InvalidTaskError):
             UploadKey(task_id, 1, sha)
     assert UploadKey.from_file_name(KEY.file_name) == KEY
@@ -119,7 +119,7 @@ def test_a_malformed_stream_keeps_nothing(uploads):
 
 def test_stale_and_surplus_kept_uploads_are_dropped(tmp_path):
     uploads = PartialUploads(tmp_path / "incoming", ttl_s=3600, max_kept=2)
-    keys = [UploadKey(f"task-{i}", KEY.size, KEY.sha256) for i in range(4)]
+    keys = [UploadKey(f"task-{i}", KEY.size, KEY.digest) for i in range(4)]
     for i, key in enumerate(keys):
         with pytest.raises(UploadInterrupted):
             uploads.receive(key, 0, chunks(upto=1000), "weights")

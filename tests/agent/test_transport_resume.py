@@ -18,6 +18,8 @@ import yaml
 from link_support import Link  # tests/agent is on sys.path
 
 from flare_provider.client import AgentClient, AgentError
+from flare_provider.client.sync import _identity_fields
+from flare_provider.client.transfer import payload_identity
 from flare_provider.wire import agent_pb2
 from flare_provider.wire.bundles import build_bundle
 from flare_provider.wire.chunks import send_payload
@@ -132,6 +134,21 @@ def kept_uploads(agent) -> list[str]:
     return sorted(p.name for p in (agent.work_dir / "incoming").glob(".upload-*"))
 
 
+def test_large_weights_and_results_are_checked_with_xxh3_small_weights_with_sha256(federation, agent, echo_app, tmp_path):
+    with direct_client(federation) as client:
+        assert client.status().payload_checksums == ["xxh3-128"]
+        for task_id, mib, upload_checksum in (("checksum-small", 1, "sha256"), ("checksum-large", 8, "xxh3-128")):
+            values, weights = model(seed=mib, mib=mib)
+            _, created = client.submit_task(task_id, echo_app, weights, 1)
+            assert created and client.last_transfer.checksum == upload_checksum, task_id
+            assert list(client.watch_task(task_id, timeout=120))[-1].status == "succeeded"
+            dest = tmp_path / f"{task_id}.safetensors"
+            client.fetch_result(task_id, dest)
+            assert client.last_transfer.checksum == "xxh3-128", "results are checked with XXH3 whatever their size"
+            assert same_bits(load_file(dest)["w"], values), task_id
+            client.acknowledge(task_id)
+
+
 def test_status_lists_no_relay_attachments_for_a_site_that_listens(federation, agent):
     with direct_client(federation) as client:
         assert client.status().attachments == []
@@ -202,7 +219,7 @@ def test_a_later_call_resumes_what_an_earlier_call_left(federation, agent, echo_
         with pytest.raises(AgentError):
             client.submit_task("resume-later", echo_app, weights, 1)
     with direct_client(federation) as client:
-        kept = client._upload_offset("resume-later", *_identity(weights))
+        kept = client._upload_offset("resume-later", *_identity(client, weights)[:2])
         assert 0 < kept < len(weights)
         state, created = client.submit_task("resume-later", echo_app, weights, 1)
         stats = client.last_transfer
@@ -224,13 +241,13 @@ def test_a_payload_with_another_digest_never_resumes_anothers_bytes(federation, 
             client.submit_task("resume-other", echo_app, first, 1)
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
     with direct_client(federation) as client:
-        kept = client._upload_offset("resume-other", *_identity(first))
+        kept = client._upload_offset("resume-other", *_identity(client, first)[:2])
         assert 0 < kept < len(first)
-        assert client._upload_offset("resume-other", *_identity(second)) == 0
+        assert client._upload_offset("resume-other", *_identity(client, second)[:2]) == 0
         # Chunks of the second payload that claim to continue the first one's bytes are refused.
-        header = agent_pb2.SubmitTaskHeader(task_id="resume-other", app_name=echo_app, round=1, kind="train",
-                                            payload_sha256=_identity(second)[1])
-        messages = send_payload(agent_pb2.SubmitTaskRequest, header, second, offset=kept, sha256=_identity(second)[1])
+        _, fields, checksum, digest = _identity(client, second)
+        header = agent_pb2.SubmitTaskHeader(task_id="resume-other", app_name=echo_app, round=1, kind="train", **fields)
+        messages = send_payload(agent_pb2.SubmitTaskRequest, header, second, offset=kept, digest=digest, checksum=checksum)
         with pytest.raises(grpc.RpcError) as refused:
             client._stub.SubmitTask(messages, timeout=30)
         assert refused.value.code() == grpc.StatusCode.ABORTED and "holds 0 bytes" in refused.value.details()
@@ -242,10 +259,11 @@ def test_a_payload_with_another_digest_never_resumes_anothers_bytes(federation, 
     assert kept_uploads(agent) == [], "the first payload's bytes outlived the task"
 
 
-def _identity(payload: bytes) -> tuple[int, str]:
-    import hashlib
-
-    return len(payload), hashlib.sha256(payload).hexdigest()
+def _identity(client: AgentClient, payload: bytes) -> tuple[int, dict[str, str], str, str]:
+    """Size, identity fields, checksum and digest of ``payload`` as ``client`` uploads it to its agent."""
+    checksum = client._upload_checksum(len(payload))
+    size, digest = payload_identity(payload, checksum)
+    return size, _identity_fields(checksum, digest), checksum, digest
 
 
 # ---- idle timeouts ---------------------------------------------------------------------------

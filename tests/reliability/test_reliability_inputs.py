@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import grpc
+import numpy as np
 import pytest
 from reliability_support import (
     LIVE_SITES,
@@ -26,6 +27,7 @@ from reliability_support import (
 )
 
 from flare_provider.client import AgentClient, AgentError, load_caller_kit
+from flare_provider.wire.tensors import dump_bytes, load_file
 from site_agent.service.audit import AUDIT_FILE, read_audit_log
 
 EXPIRED = (-30, -1)  # valid from 30 days ago until yesterday, in days from now
@@ -71,6 +73,21 @@ def test_expired_site_certificate_is_refused_by_the_server(fed, tmp_path):
                     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
                     assert "certificate has expired" in caught.value.details
         assert stand_in.calls == (["GetStatus"] if accepted else []), dates
+
+
+def test_an_agent_that_speaks_only_sha256_gets_weights_and_serves_results_checked_with_it(fed, tmp_path):
+    """An agent of an earlier version lists no fast checksum and ignores the one a client
+    offers: a large upload and its result go with SHA-256, as they did before XXH3."""
+    site = SPARE_SITES[0]
+    weights = {"w": np.random.default_rng(3).standard_normal(2 << 20).astype(np.float32)}  # 8 MiB
+    earlier_agent = HostileSite(site, lambda received: dump_bytes(received), tmp_path)
+    with serve_as_site(fed, site, earlier_agent), load_caller_kit(fed.server_kit).client(site, timeout=10) as client:
+        _, created = client.submit_task("sha-only", "any", dump_bytes(weights), 1)
+        assert created and client.last_transfer.checksum == "sha256"
+        client.fetch_result("sha-only", tmp_path / "result.safetensors")
+        assert client.last_transfer.checksum == "sha256"
+    assert np.array_equal(load_file(tmp_path / "result.safetensors")["w"], weights["w"])
+    assert earlier_agent.calls[:2] == ["GetStatus", "SubmitTask"]
 
 
 def test_bad_operator_arguments_fail_the_dag_file_import(tmp_path):
