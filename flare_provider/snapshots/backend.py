@@ -27,8 +27,9 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> None:
-        """Store a small object."""
+    def put_bytes(self, key: str, data: bytes, durable: bool = True) -> None:
+        """Store a small object; ``durable=False``: it may be lost in a power cut (a store that
+        keeps what it acknowledged, such as S3, ignores this)."""
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes | None:

@@ -43,11 +43,11 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise SnapshotError(f"{self.uri(key)}: cannot write: {exc.strerror or exc}") from None
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, durable: bool = True) -> None:
         target = self._path(key)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_file(target) as out:
+            with atomic_file(target, durable=durable) as out:
                 out.write(data)
         except OSError as exc:
             raise SnapshotError(f"{self.uri(key)}: cannot write: {exc.strerror or exc}") from None

@@ -192,7 +192,7 @@ class S3Backend(Backend):
         )
         return sha256
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, durable: bool = True) -> None:
         self._call("write", key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
 
     def get_bytes(self, key: str) -> bytes | None:

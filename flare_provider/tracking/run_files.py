@@ -28,8 +28,8 @@ class RunFiles:
     def uri(self, name: str = "") -> str:
         return self.backend.uri(f"{self.prefix}/{name}" if name else self.prefix)
 
-    def put_bytes(self, name: str, data: bytes) -> None:
-        self.backend.put_bytes(f"{self.prefix}/{name}", data)
+    def put_bytes(self, name: str, data: bytes, durable: bool = True) -> None:
+        self.backend.put_bytes(f"{self.prefix}/{name}", data, durable)
 
     def put_file(self, name: str, path: Path) -> None:
         self.backend.put_file(f"{self.prefix}/{name}", path, file_digest(path)[0])
