@@ -319,19 +319,21 @@ def run(work: Path, configs: list[tuple[int, int]], rounds: int, command: str) -
                          f"{gbps(last['tls_stream'])} GB/s (bare gRPC mTLS stream)", ratio(rate, last["tls_stream"]))
     transfers.notes.append(
         f"{size(probe)} to or from the first site of the last row's federation, nothing else running, median of 3. "
-        "The payload path: the file read in 1 MiB chunks, framed in `DataChunk` messages over TLS, written by the "
-        "receiver, which writes and hashes each chunk on a second thread while the next one arrives and fsyncs the "
-        "file once; a sender that knows the "
-        "digest (the engine, which hashes the global model once for all sites) does not hash again."
+        "The payload path: the file read in 1 MiB chunks, each framed by hand as a `DataChunk` message (one copy) "
+        "over TLS; the receiver takes a view of the data in the delivered message (no copy), writes and hashes it "
+        "(XXH3-128) on a second thread while the next one arrives, has the kernel write each 8 MiB to disk as it "
+        "comes and fsyncs the file once; a sender that knows the digest (the engine, which hashes the global "
+        "model once for all sites, as it writes it) does not hash again."
     )
-    tcp, aes, sha, disk = (limits.tcp_loopback(2 * probe), limits.aes_gcm(probe), limits.sha256(probe),
-                           limits.disk_write(work, probe))
+    tcp, aes, sha, xxh, disk = (limits.tcp_loopback(2 * probe), limits.aes_gcm(probe), limits.sha256(probe),
+                                limits.xxh3(probe), limits.disk_write(work, probe))
     limit_table = section.table("Limits on this machine (same run)", ["what", "GB/s", "how"])
     limit_table.add("gRPC stream over mutual TLS, loopback", gbps(last["tls_stream"]),
                     f"raw 1 MiB messages, one stream, {size(probe)}, receiver in another process, median of 3")
     limit_table.add("TCP, loopback", gbps(tcp), f"one connection, {size(2 * probe)}, median of 3")
     limit_table.add("AES-128-GCM encryption", gbps(aes), f"`cryptography` AESGCM, 1 MiB pieces, {size(probe)}, one core")
-    limit_table.add("SHA-256", gbps(sha), f"`hashlib`, 1 MiB pieces, {size(probe)}, one core")
+    limit_table.add("XXH3-128 (weights and results in transit)", gbps(xxh), f"`xxhash`, 1 MiB pieces, {size(probe)}, one core")
+    limit_table.add("SHA-256 (bundles, snapshots, older peers)", gbps(sha), f"`hashlib`, 1 MiB pieces, {size(probe)}, one core")
     limit_table.add("disk: write + fsync", gbps(disk), f"{size(probe)} in 1 MiB writes, median of 3")
     return section
 

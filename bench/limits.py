@@ -174,14 +174,25 @@ def aes_gcm(nbytes: int, repeats: int = 3) -> float:
 
 
 def sha256(nbytes: int, repeats: int = 3) -> float:
-    """Bytes/s of SHA-256 (the payloads' checksum) in 1 MiB pieces on one core."""
+    """Bytes/s of SHA-256 (bundles', snapshots' and older peers' checksum) in 1 MiB pieces on one core."""
     import hashlib
 
+    return _hash_rate(hashlib.sha256, nbytes, repeats)
+
+
+def xxh3(nbytes: int, repeats: int = 3) -> float:
+    """Bytes/s of XXH3-128 (the checksum of weights and results in transit) in 1 MiB pieces on one core."""
+    import xxhash
+
+    return _hash_rate(xxhash.xxh3_128, nbytes, repeats)
+
+
+def _hash_rate(new_hash, nbytes: int, repeats: int) -> float:
     block = os.urandom(CHUNK)
     count = max(1, nbytes // CHUNK)
     rates = []
     for _ in range(repeats):
-        digest = hashlib.sha256()
+        digest = new_hash()
         started = time.perf_counter()
         for _ in range(count):
             digest.update(block)
