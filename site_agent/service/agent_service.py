@@ -374,9 +374,7 @@ class AgentService(agent_pb2_grpc.FlareAgentServicer):
                 raise ResultOffsetOutOfRange(f"result of task {request.task_id}: offset {offset} is beyond its {size} bytes")
             checksum = fastest_shared(request.checksums)  # SHA-256 for a client that offers nothing else
             header = agent_pb2.FetchResultHeader(state=state.to_message(), checksum="" if checksum == SHA256 else checksum)
-            yield from send_payload(
-                agent_pb2.FetchResultReply, header, f, self.limits.chunk_size, size, offset=offset, checksum=checksum
-            )
+            yield from send_payload(agent_pb2.FetchResultReply, header, f, self.limits.chunk_size, size, offset, None, checksum)
         log.info("result of task %s sent (bytes %d to %d)", request.task_id, offset, size, extra={"task_id": request.task_id})
 
     @_rpc(Action.ACKNOWLEDGE)
