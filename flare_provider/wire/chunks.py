@@ -138,9 +138,9 @@ def send_payload(
     whole payload's size and ``checksum`` (the receiver must expect that one). The digest
     is ``digest`` when the caller knows it (then nothing is hashed here: the receiver
     checks the bytes against it); otherwise the payload is hashed as it is read, the
-    bytes before ``offset`` too. Arguments are
-    checked now, in the caller's thread; the returned iterator reads lazily, so gRPC
-    pulls one chunk at a time.
+    bytes before ``offset`` too. Arguments are checked now, in the caller's thread; the
+    returned iterator reads lazily, so gRPC pulls one chunk at a time. Chunks come as
+    :class:`~.payload_codec.Chunk`, which the contract's stub and handlers serialize.
     """
     if not 0 < chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size must be between 1 and {MAX_CHUNK_SIZE} bytes, got {chunk_size}")
