@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
@@ -55,7 +55,6 @@ from .transfer import (
 )
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 # Codes after which the bytes of a download kept so far are of no use.
 _RESULT_GONE = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
 # Weights smaller than this are checked with SHA-256 without asking the agent what else it
@@ -278,7 +277,8 @@ class AgentClient(ResumingTransfers, AgentCaller):
         """Download a finished task's result (safetensors) to ``dest``; returns the task's state.
 
         ``dest`` appears only once the whole file arrived with the right size and
-        checksum (XXH3-128 from an agent that speaks it, else SHA-256). Its metadata says whether it holds full weights or a difference
+        checksum (XXH3-128 from an agent that speaks it, else SHA-256). Its metadata says
+        whether it holds full weights or a difference
         (:data:`flare_provider.wire.tensors.RESULT_KIND_KEY`); ``num_samples`` and the
         metrics are in the returned state. The agent keeps its copy until :meth:`acknowledge`.
         Until then the bytes received are in ``<dest>.part``: a download cut short is
