@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from ..wire import agent_pb2
-from ..wire.checksums import FAST_CHECKSUMS, SHA256, XXH3_128, fastest_shared
+from ..wire.checksums import FAST_CHECKSUMS, SHA256, fastest_shared, identity_fields
 from ..wire.chunks import (
     DEFAULT_CHUNK_SIZE,
     PayloadError,
@@ -60,11 +60,6 @@ _RESULT_GONE = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
 # Weights smaller than this are checked with SHA-256 without asking the agent what else it
 # speaks: hashing them costs less than the question.
 ASK_CHECKSUM_FROM_BYTES = 4 << 20
-
-
-def _identity_fields(checksum: str, digest: str) -> dict[str, str]:
-    """The upload's identity (the agent keeps a cut upload under it) as request fields."""
-    return {"payload_xxh3_128": digest} if checksum == XXH3_128 else {"payload_sha256": digest}
 
 
 class AgentClient(ResumingTransfers, AgentCaller):
@@ -169,7 +164,7 @@ class AgentClient(ResumingTransfers, AgentCaller):
         """
         checksum = self._upload_checksum(payload_size(weights))
         size, digest = payload_identity(weights, checksum)
-        identity = _identity_fields(checksum, digest)
+        identity = identity_fields(checksum, digest)  # what the agent keeps a cut upload under
         stats = self.last_transfer = TransferStats("SubmitTask", task_id, size, checksum=checksum)
         told: list[int] = []  # what the site said it holds when it refused a stream's offset
 

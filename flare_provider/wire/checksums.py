@@ -54,6 +54,12 @@ def end_fields(checksum: str, digest: str) -> dict[str, str]:
     return {"xxh3_128": digest} if checksum == XXH3_128 else {"sha256": digest}
 
 
+def identity_fields(checksum: str, digest: str) -> dict[str, str]:
+    """An upload's identity (``SubmitTaskHeader``, ``UploadOffsetRequest``) as keyword arguments:
+    ``payload_xxh3_128`` or ``payload_sha256``, whichever ``checksum`` fills."""
+    return {"payload_xxh3_128": digest} if checksum == XXH3_128 else {"payload_sha256": digest}
+
+
 def fastest_shared(offered) -> str:
     """The checksum to use with a peer that offers ``offered`` (besides SHA-256)."""
     return next((checksum for checksum in FAST_CHECKSUMS if checksum in offered), SHA256)

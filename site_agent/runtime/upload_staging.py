@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from flare_provider.wire.checksums import SHA256, XXH3_128, display_name, is_digest
+from flare_provider.wire.checksums import SHA256, XXH3_128, display_name, identity_fields, is_digest
 from flare_provider.wire.chunks import PARTIAL_PREFIX, PayloadError, PayloadTruncated, PayloadWriter, hash_prefix
 
 from ..errors import InvalidTaskError
@@ -73,10 +73,10 @@ class UploadKey:
         if not TASK_ID_RE.match(self.task_id) or self.task_id.startswith("."):
             raise InvalidTaskError(f"task {self.task_id!r}: task_id must be 1-128 letters, digits, '.', '_', ':' or '-'")
         if not is_digest(self.checksum, self.digest):
-            field = "payload_xxh3_128" if self.checksum == XXH3_128 else "payload_sha256"
+            (field,) = identity_fields(self.checksum, self.digest)
+            length = next(n for n, checksum in _CHECKSUM_BY_LENGTH.items() if checksum == self.checksum)
             raise InvalidTaskError(
-                f"task {self.task_id}: {field} must be {'32' if self.checksum == XXH3_128 else '64'} lowercase hex digits "
-                f"(its {display_name(self.checksum)})"
+                f"task {self.task_id}: {field} must be {length} lowercase hex digits (its {display_name(self.checksum)})"
             )
 
     @classmethod

@@ -35,13 +35,14 @@ def test_the_receiver_hands_on_a_view_of_the_delivered_bytes_not_a_copy():
     assert isinstance(chunk.data, memoryview) and chunk.data.obj is wire
 
 
-def test_other_encodings_and_messages_are_left_to_protobuf():
+def test_a_chunk_in_any_field_order_is_read_and_anything_else_is_left_to_protobuf():
     decode = _deserializer(agent_pb2.SubmitTaskRequest)
-    # Fields in the other order, and an unknown field after them: valid protobuf, parsed by protobuf.
+    # The chunk's fields in the other order (valid protobuf) are read here as well.
     data = b"abc"
     swapped = b"\x12" + bytes([2 + len(data) + 2]) + b"\x12" + bytes([len(data)]) + data + b"\x08\x07"
     message = decode(swapped)
-    assert (message.chunk.offset, message.chunk.data) == (7, data)
+    assert type(message) is Chunk and (message.chunk.offset, bytes(message.chunk.data)) == (7, data)
+    # An unknown field after the chunk: parsed by protobuf, which keeps what it knows.
     unknown = encode_chunk(Chunk(7, data)) + b"\x58\x01"  # field 11, varint
     message = decode(unknown)
     assert not isinstance(message, Chunk) and (message.chunk.offset, message.chunk.data) == (7, data)

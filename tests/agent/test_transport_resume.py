@@ -18,10 +18,10 @@ import yaml
 from link_support import Link  # tests/agent is on sys.path
 
 from flare_provider.client import AgentClient, AgentError
-from flare_provider.client.sync import _identity_fields
 from flare_provider.client.transfer import payload_identity
 from flare_provider.wire import agent_pb2
 from flare_provider.wire.bundles import build_bundle
+from flare_provider.wire.checksums import identity_fields
 from flare_provider.wire.chunks import send_payload
 from flare_provider.wire.tensors import dump_bytes, load_file
 from site_agent.site_settings import SiteSettings
@@ -263,7 +263,7 @@ def _identity(client: AgentClient, payload: bytes) -> tuple[int, dict[str, str],
     """Size, identity fields, checksum and digest of ``payload`` as ``client`` uploads it to its agent."""
     checksum = client._upload_checksum(len(payload))
     size, digest = payload_identity(payload, checksum)
-    return size, _identity_fields(checksum, digest), checksum, digest
+    return size, identity_fields(checksum, digest), checksum, digest
 
 
 # ---- idle timeouts ---------------------------------------------------------------------------
