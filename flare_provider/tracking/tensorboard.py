@@ -12,15 +12,16 @@ their samples, ``eval/<metric>``, the global model's evaluation where the run sc
 rounds, and ``round/num_samples`` and ``round/sites``, by round.
 
 Each round is written as its own event file per folder, named after the round
-(``events.out.tfevents.round_00003``), so a retried round replaces its files. The writer is
-``tensorboardX`` (the ``tracking`` extra); without it the run goes on with a warning and
-keeps its curves in the store only.
+(``events.out.tfevents.round_00003``), so a retried round replaces its files. The files are
+encoded here (:func:`event_file_bytes`), with no TensorBoard package: tensorboardX imports
+PyTorch when that is installed, which cost an Airflow task 3.7 s and PyTorch's memory
+before its first round.
 """
 
 from __future__ import annotations
 
-import io
 import logging
+import math
 import struct
 import time
 from collections.abc import Iterable, Mapping
@@ -38,14 +39,6 @@ EVENT_FILE_PREFIX = "events.out.tfevents."
 
 # (tag, value, step, wall time or None)
 Scalar = tuple[str, float, int, float | None]
-
-
-def writer_available() -> bool:
-    try:
-        import tensorboardX  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def site_scalars(curves: RoundCurves, site: str) -> list[Scalar]:
@@ -91,20 +84,89 @@ def write_round(files: RunFiles, number: int, runs: Mapping[str, Iterable[Scalar
 def event_file_bytes(scalars: Iterable[Scalar]) -> bytes:
     """An event file holding ``scalars``: TFRecord-framed ``Event`` messages, the first one the file version.
 
-    Built in memory (these files are small): tensorboardX's writers want a file of their
-    own and fsync it on close, which cost a scratch folder, a file and an fsync per run
-    and round (python -m bench overhead).
+    Built in memory (these files are small), one record per event: its length
+    (little-endian uint64), the masked CRC-32C of the length, the serialized event, and
+    the masked CRC-32C of the event.
     """
-    from tensorboardX.proto.event_pb2 import Event
-    from tensorboardX.record_writer import masked_crc32c
-    from tensorboardX.summary import scalar
-
-    events = [Event(wall_time=time.time(), file_version="brain.Event:2")]
-    events += [Event(wall_time=time.time() if wall_time is None else wall_time, step=step, summary=scalar(tag, value))
+    events = [_event(time.time(), 0, version=b"brain.Event:2")]
+    events += [_event(time.time() if wall_time is None else wall_time, step, scalar=(tag, value))
                for tag, value, step, wall_time in scalars]
-    out = io.BytesIO()
-    for event in events:
-        data = event.SerializeToString()
-        length = struct.pack("<Q", len(data))  # TFRecord: little-endian length, masked CRC-32C of it, data, its CRC
-        out.write(length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data)))
-    return out.getvalue()
+    records = []
+    for data in events:
+        length = struct.pack("<Q", len(data))
+        records += [length, struct.pack("<I", masked_crc32c(length)), data, struct.pack("<I", masked_crc32c(data))]
+    return b"".join(records)
+
+
+# ---- the protobuf messages TensorBoard reads, encoded by hand ------------------------------
+# tensorboard's event.proto: Event {double wall_time = 1; int64 step = 2; string
+# file_version = 3; Summary summary = 5}; summary.proto: Summary {repeated Value value = 1},
+# Value {string tag = 1; float simple_value = 2}. Fields holding proto3 defaults are left out.
+
+
+def _event(wall_time: float, step: int, *, version: bytes = b"", scalar: tuple[str, float] | None = None) -> bytes:
+    out = _fixed(b"\x09", "<d", wall_time)  # field 1, 64-bit
+    if step:
+        out += b"\x10" + _varint(step & 0xFFFFFFFFFFFFFFFF)  # field 2, varint (negative steps as two's complement)
+    if version:
+        out += _length_delimited(3, version)
+    if scalar is not None:
+        tag, value = scalar
+        # simple_value is one of a oneof: written even when it is 0
+        entry = (_length_delimited(1, tag.encode("utf-8")) if tag else b"") + b"\x15" + _float32(value)
+        out += _length_delimited(5, _length_delimited(1, entry))
+    return out
+
+
+def _float32(value: float) -> bytes:
+    """``value`` as a little-endian float32; beyond its range, infinity of the same sign (as protobuf stores it)."""
+    try:
+        return struct.pack("<f", value)
+    except OverflowError:
+        return struct.pack("<f", math.copysign(math.inf, value))
+
+
+def _fixed(key: bytes, layout: str, value: float) -> bytes:
+    """A plain float field; left out when it holds +0.0, as protobuf leaves out defaults (-0.0 is kept)."""
+    packed = struct.pack(layout, value)
+    return key + packed if any(packed) else b""
+
+
+def _length_delimited(field: int, data: bytes) -> bytes:
+    return _varint(field << 3 | 2) + _varint(len(data)) + data
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # Castagnoli's polynomial, reflected
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli) of ``data``, as TFRecord frames use it."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC: the CRC rotated right by 15 bits plus a constant."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF

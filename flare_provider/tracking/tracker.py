@@ -21,13 +21,13 @@ from ..wire.task_state import TaskState
 from .curves import RoundCurves, round_curves, save_curves, step_bases_after
 from .mlflow_client import MlflowError, MlflowSettings
 from .run_files import RunFiles
-from .tensorboard import GLOBAL_RUN, global_scalars, site_run_name, site_scalars, write_round, writer_available
+from .tensorboard import GLOBAL_RUN, global_scalars, site_run_name, site_scalars, write_round
 
 log = logging.getLogger(__name__)
 
 
 class RunTracking:
-    """The curves of one run: in the store (always), TensorBoard (with tensorboardX), MLflow (when configured)."""
+    """The curves of one run: in the store and as TensorBoard event files (always), MLflow (when configured)."""
 
     def __init__(self, spec: RunSpec, store: SnapshotStore, logger: logging.Logger | None = None,
                  mlflow: MlflowSettings | None = None, extra_state: Mapping[str, Any] | None = None):
@@ -36,8 +36,6 @@ class RunTracking:
         self.log = logger or log
         self.files = RunFiles(store, spec.federation, spec.run_id)
         self.bases: dict[str, int] = {}  # site -> where its steps go on in the next round
-        self.tensorboard = writer_available()
-        self._warned_tensorboard = False
         self.mlflow = None
         if mlflow is not None:
             from .mlflow_runs import MlflowRunLog
@@ -75,11 +73,6 @@ class RunTracking:
         return curves
 
     def _write_tensorboard(self, curves: RoundCurves, record: RoundRecord) -> None:
-        if not self.tensorboard:
-            if not self._warned_tensorboard:
-                self.log.warning("TensorBoard event files are not written: install the 'tracking' extra (tensorboardX)")
-                self._warned_tensorboard = True
-            return
         runs = {site_run_name(site): site_scalars(curves, site) for site in curves.sites}
         runs[GLOBAL_RUN] = global_scalars(curves.round, record.metrics, record.evaluation, record.num_samples or 0,
                                           len(record.accepted))
