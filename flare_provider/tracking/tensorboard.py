@@ -24,7 +24,7 @@ import logging
 import math
 import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from ..files import safe_name
 from ..snapshots.naming import round_folder
@@ -91,10 +91,11 @@ def event_file_bytes(scalars: Iterable[Scalar]) -> bytes:
     events = [_event(time.time(), 0, version=b"brain.Event:2")]
     events += [_event(time.time() if wall_time is None else wall_time, step, scalar=(tag, value))
                for tag, value, step, wall_time in scalars]
+    lengths = [struct.pack("<Q", len(data)) for data in events]
+    crcs = masked_crc32c(lengths + events)
     records = []
-    for data in events:
-        length = struct.pack("<Q", len(data))
-        records += [length, struct.pack("<I", masked_crc32c(length)), data, struct.pack("<I", masked_crc32c(data))]
+    for length, data, length_crc, data_crc in zip(lengths, events, crcs, crcs[len(events):]):
+        records += [length, struct.pack("<I", length_crc), data, struct.pack("<I", data_crc)]
     return b"".join(records)
 
 
@@ -145,28 +146,35 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # Castagnoli's polynomial, reflected
-        table.append(crc)
+def _crc32c_table():
+    import numpy as np
+
+    table = np.arange(256, dtype=np.uint32)
+    for _ in range(8):  # Castagnoli's polynomial, reflected
+        table = np.where(table & 1, (table >> 1) ^ np.uint32(0x82F63B78), table >> 1)
     return table
 
 
-_CRC32C_TABLE = _crc32c_table()
+def crc32c(pieces: Sequence[bytes]) -> list[int]:
+    """CRC-32C (Castagnoli) of each of ``pieces``, as TFRecord frames use it.
+
+    Byte by byte, as a CRC goes, but for all pieces at once (numpy): a round's file holds
+    one short record per point of a curve, and one at a time in Python ran at 4 MB/s.
+    """
+    import numpy as np
+
+    table = _crc32c_table()
+    sizes = np.array([len(p) for p in pieces], dtype=np.int64)
+    width = int(sizes.max()) if len(pieces) else 0
+    padded = b"".join(bytes(piece).ljust(width, b"\0") for piece in pieces)
+    data = np.frombuffer(padded, dtype=np.uint8).reshape(len(pieces), width)
+    crc = np.full(len(pieces), 0xFFFFFFFF, dtype=np.uint32)
+    for column in range(width):
+        step = table[(crc ^ data[:, column]) & 0xFF] ^ (crc >> 8)
+        crc = np.where(sizes > column, step, crc)
+    return [int(value) ^ 0xFFFFFFFF for value in crc]
 
 
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli) of ``data``, as TFRecord frames use it."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC: the CRC rotated right by 15 bits plus a constant."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+def masked_crc32c(pieces: Sequence[bytes]) -> list[int]:
+    """TFRecord's masked CRC of each of ``pieces``: the CRC rotated right by 15 bits plus a constant."""
+    return [(((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF for crc in crc32c(pieces)]
