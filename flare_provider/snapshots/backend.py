@@ -26,6 +26,15 @@ class Backend(ABC):
         Returns the stored file's tag (see :meth:`stat`).
         """
 
+    def staging_dir(self, folder: str) -> Path | None:
+        """Where to write files that :meth:`adopt_file` will store under ``folder`` at least
+        cost; None: anywhere (the system's temporary folder)."""
+        return None
+
+    def adopt_file(self, key: str, path: Path, sha256: str) -> str:
+        """As :meth:`put_file`, for a file the caller gives up: it may be moved, not copied."""
+        return self.put_file(key, path, sha256)
+
     @abstractmethod
     def put_bytes(self, key: str, data: bytes, durable: bool = True) -> None:
         """Store a small object; ``durable=False``: it may be lost in a power cut (a store that

@@ -143,7 +143,7 @@ class SnapshotStore:
                 raise SnapshotError(
                     f"{self.backend.uri(folder)} is committed already; a committed round is never rewritten"
                 )
-        with self._staging() as staging:
+        with self._staging(folder) as staging:
             # Weights are serialized and hashed in one pass; a file given is read once, to hash it.
             files = {MODEL_FILE: self._model_file(weights_or_file, staging)}
             if state_tensors:
@@ -151,7 +151,9 @@ class SnapshotStore:
                 files[SERVER_STATE_FILE] = path, write_hashed(state_tensors, path, "state tensors")
             manifest = {}
             for name, (path, (sha256, size)) in files.items():
-                tag = self.backend.put_file(f"{folder}/{name}", path, sha256)
+                # Files written here are given up (a local store moves them in); the caller's are copied.
+                store = self.backend.adopt_file if path.parent == staging else self.backend.put_file
+                tag = store(f"{folder}/{name}", path, sha256)
                 manifest[name] = {"sha256": sha256, "size": size, "tag": tag}
         self.backend.put_bytes(f"{folder}/{STATE_FILE}", state_bytes)
         sha256, size = bytes_digest(state_bytes)
@@ -336,10 +338,13 @@ class SnapshotStore:
             raise SnapshotCorrupted(f"{self.backend.uri(key)} is damaged: {exc}") from None
 
     @contextmanager
-    def _staging(self) -> Iterator[Path]:
-        if self.tmp_dir is not None:
+    def _staging(self, folder: str | None = None) -> Iterator[Path]:
+        """A scratch folder, removed afterwards; for files to store under ``folder``, where the
+        backend can adopt them cheaply (a local store: inside that folder, hidden)."""
+        near = self.backend.staging_dir(folder) if folder is not None else None
+        if near is None and self.tmp_dir is not None:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix="flare-snapshot-", dir=self.tmp_dir))
+        staging = Path(tempfile.mkdtemp(prefix=".flare-staging-" if near else "flare-snapshot-", dir=near or self.tmp_dir))
         try:
             yield staging
         finally:

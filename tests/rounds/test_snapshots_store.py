@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -319,3 +323,33 @@ def test_initial_model_from_path_file_uri_and_s3(tmp_path, s3_client, bucket):
 def test_bad_store_configuration(uri, kwargs, message):
     with pytest.raises(ValueError, match=message):
         SnapshotStore(uri, **kwargs)
+
+
+def test_a_local_store_moves_the_files_it_wrote_into_place_and_leaves_no_scratch(tmp_path):
+    store = SnapshotStore(tmp_path.as_uri() + "/snapshots")
+    store.commit_round(FED, RUN, 0, weights(1), {"round": 0}, state_tensors={"m": np.ones(3, np.float32)})
+    assert [p.name for p in (tmp_path / "snapshots").iterdir()] == [encode_name(FED)]  # no .flare-staging-* left
+    assert store.load_server_state(store.latest(FED, RUN))["m"].tolist() == [1.0, 1.0, 1.0]
+    # What a store adopts is renamed in, the very file (same inode), flushed first.
+    scratch = store.backend.staging_dir("x")
+    ours = scratch / ".ours"
+    ours.write_bytes(b"payload")
+    inode = ours.stat().st_ino
+    store.backend.adopt_file("x/kept.bin", ours, "unused")
+    kept = tmp_path / "snapshots" / "x" / "kept.bin"
+    assert not ours.exists() and kept.stat().st_ino == inode and kept.read_bytes() == b"payload"
+    assert kept.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_local_store_on_another_file_system_copies_what_it_adopts(tmp_path):
+    other = Path(tempfile.mkdtemp(dir="/dev/shm"))  # tmpfs: a rename from tmp_path fails with EXDEV
+    try:
+        assert os.stat(other).st_dev != os.stat(tmp_path).st_dev
+        backend = SnapshotStore(other.as_uri()).backend
+        ours = tmp_path / "ours.bin"
+        ours.write_bytes(b"payload")
+        tag = backend.adopt_file("run/kept.bin", ours, "unused")
+        assert (other / "run" / "kept.bin").read_bytes() == b"payload"
+        assert backend.stat("run/kept.bin") == (7, tag)
+    finally:
+        shutil.rmtree(other)
