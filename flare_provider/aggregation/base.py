@@ -89,6 +89,7 @@ class Aggregator(ABC):
         self._spec: ModelSpec | None = None
         self._global: Mapping[str, np.ndarray] = {}
         self._may_move = False
+        self._nonfinite: Mapping[str, int] | None = None  # counts given with the update being added
         self._spill_dir: Path | None = None
         self._spill_cleanup: weakref.finalize | None = None
         #: the status of the last finished round
@@ -166,7 +167,8 @@ class Aggregator(ABC):
             raise
 
     def add(
-        self, site: str, update_path: str | Path, num_samples: int, kind: str = "weights", *, move: bool = False
+        self, site: str, update_path: str | Path, num_samples: int, kind: str = "weights", *, move: bool = False,
+        nonfinite: Mapping[str, int] | None = None,
     ) -> None:
         """Validate ``site``'s update (a safetensors file) and fold it into the round.
 
@@ -175,7 +177,10 @@ class Aggregator(ABC):
         :class:`UpdateRejected` for a bad update, an unexpected site or a second report;
         the round goes on. The file is not needed after this returns. ``move=True`` hands
         the file over: an update that must wait for its turn is then moved into the spill
-        folder rather than copied (the file may be gone afterwards).
+        folder rather than copied (the file may be gone afterwards). ``nonfinite``: the
+        file's NaN and infinite values per floating tensor, counted as it was received
+        (:class:`~flare_provider.wire.finite_scan.FiniteScan`), so that it is not read
+        once more to count them.
         """
         status = self._require_round()
         if site not in status.expected:
@@ -186,14 +191,14 @@ class Aggregator(ABC):
             if kind not in UPDATE_KINDS:
                 raise UpdateRejected(site, f"kind {kind!r} is not one of {', '.join(UPDATE_KINDS)}")
             count = _sample_count(site, num_samples)
-            self._may_move = move
+            self._may_move, self._nonfinite = move, nonfinite
             self._accept(site, Path(update_path), count, kind)
         except UpdateRejected as exc:
             status.rejected[site] = str(exc)
             self._on_rejected(site)
             raise
         finally:
-            self._may_move = False
+            self._may_move, self._nonfinite = False, None
         status.accepted[site] = count
 
     def finish(self) -> dict[str, np.ndarray]:
@@ -246,7 +251,7 @@ class Aggregator(ABC):
         self._spill_dir = self._spill_cleanup = None
 
     def _validate(self, site: str, path: Path) -> None:
-        validate_update(self._spec, path, site=site, max_bytes=self._max_update_bytes)
+        validate_update(self._spec, path, site=site, max_bytes=self._max_update_bytes, nonfinite=self._nonfinite)
 
     def _spill(self, site: str, update_path: Path) -> Path:
         """Copy an update into this round's spill folder and validate the copy.

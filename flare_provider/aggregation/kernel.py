@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..wire.finite_scan import nonfinite_in
 from ..wire.tensors import TensorFile
 
 # Elements per block. Each numpy call on a block holds the GIL for a moment before its loop
@@ -192,11 +193,10 @@ def count_nonfinite(tensors: TensorFile, names: Sequence[str], *, block: int | N
     lock = threading.Lock()
 
     def make_worker() -> Callable[[str, int, int], None]:
-        raw, flags = np.empty(block * 8, np.uint8), np.empty(block, np.bool_)
+        raw = np.empty(block * 8, np.uint8)
 
         def check_block(name: str, first: int, count: int) -> None:
-            ok = np.isfinite(tensors.read_range(name, first, count, raw), out=flags[:count])
-            found = count - int(np.count_nonzero(ok))
+            found = nonfinite_in(tensors.read_range(name, first, count, raw))
             if found:
                 with lock:
                     bad[name] += found

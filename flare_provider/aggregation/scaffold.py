@@ -84,7 +84,7 @@ class Scaffold(WeightedMeanAggregator):
         return {SCAFFOLD_SERVER_C + name: c for name, c in self._c.items()}
 
     def _validate(self, site: str, path: Path) -> None:
-        validate_update(self._update_spec, path, site=site, max_bytes=self._max_update_bytes)
+        validate_update(self._update_spec, path, site=site, max_bytes=self._max_update_bytes, nonfinite=self._nonfinite)
 
     def _fold(self, site: str, path: Path, num_samples: int, kind: str) -> None:
         # Every site counts once: mean(dy) and mean(dc) are plain means, as in the paper.

@@ -38,6 +38,7 @@ def validate_update(
     *,
     site: str = "?",
     max_bytes: int | None = None,
+    nonfinite: Mapping[str, int] | None = None,
 ) -> None:
     """Raise :class:`UpdateRejected` unless ``update`` fits the model ``reference``.
 
@@ -45,6 +46,9 @@ def validate_update(
     tensors in memory or the path of a safetensors file; a file is checked without
     loading it whole: its size first (at most ``max_bytes``, by default what a file of
     this model can take), then its header, then one tensor at a time for finite values.
+    ``nonfinite``: the file's non-finite values per floating tensor, counted already (a
+    :class:`~flare_provider.wire.finite_scan.FiniteScan` as it was received); the file is
+    then not read again to count them.
     """
     spec = reference if isinstance(reference, ModelSpec) else ModelSpec.of(reference)
     if isinstance(update, Mapping):
@@ -68,7 +72,10 @@ def validate_update(
                 )
             _check_layout(spec, name, stored.shape, dtype, site)
         floating = [name for name in spec if spec[name].numpy_dtype.kind == "f"]
-        bad = count_nonfinite(tensors, floating)  # on every core, block by block
+        if nonfinite is not None and all(name in nonfinite for name in floating):
+            bad = nonfinite
+        else:
+            bad = count_nonfinite(tensors, floating)  # on every core, block by block
         for name in floating:
             if bad[name]:
                 raise UpdateRejected(site, f"{bad[name]} non-finite value(s) (NaN or Inf)", name)

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -53,6 +53,9 @@ from .transfer import (
     held_bytes,
     payload_identity,
 )
+
+if TYPE_CHECKING:  # numpy: only where a scan is used
+    from ..wire.finite_scan import FiniteScan
 
 log = logging.getLogger(__name__)
 # Codes after which the bytes of a download kept so far are of no use.
@@ -267,7 +270,8 @@ class AgentClient(ResumingTransfers, AgentCaller):
             call.cancel()  # the caller may stop early; free the stream on the agent at once
 
     def fetch_result(
-        self, task_id: str, dest: str | os.PathLike, max_bytes: int = DEFAULT_MAX_RESULT_BYTES
+        self, task_id: str, dest: str | os.PathLike, max_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+        scan: FiniteScan | None = None,
     ) -> TaskState:
         """Download a finished task's result (safetensors) to ``dest``; returns the task's state.
 
@@ -278,18 +282,23 @@ class AgentClient(ResumingTransfers, AgentCaller):
         metrics are in the returned state. The agent keeps its copy until :meth:`acknowledge`.
         Until then the bytes received are in ``<dest>.part``: a download cut short is
         resumed from there, also by a later call for the same task and ``dest``.
+
+        ``scan`` counts the non-finite values of the result's tensors as its bytes arrive
+        (``scan.counts()`` afterwards; None where it could not see them all, such as a
+        download resumed from bytes an earlier call received).
         """
         partial = PartialDownload(Path(dest), task_id)
         stats = self.last_transfer = TransferStats("FetchResult", task_id)
-        return self._resuming("FetchResult", stats, lambda: self._download(partial, stats, max_bytes))
+        return self._resuming("FetchResult", stats, lambda: self._download(partial, stats, max_bytes, scan))
 
-    def _download(self, partial: PartialDownload, stats: TransferStats, max_bytes: int) -> TaskState:
+    def _download(self, partial: PartialDownload, stats: TransferStats, max_bytes: int,
+                  scan: FiniteScan | None = None) -> TaskState:
         """One attempt at a result, from the bytes received so far on; decides what to keep of them."""
         what = f"result of task {partial.task_id}"
         offset = partial.resume_point()
         self._note_start("download", stats, offset)
         try:
-            return self._receive_result(partial, stats, offset, max_bytes, what)
+            return self._receive_result(partial, stats, offset, max_bytes, what, scan)
         except PayloadTruncated:
             raise  # a cut: what arrived is good and stays
         except PayloadTooLarge:
@@ -309,7 +318,8 @@ class AgentClient(ResumingTransfers, AgentCaller):
             raise
 
     def _receive_result(
-        self, partial: PartialDownload, stats: TransferStats, offset: int, max_bytes: int, what: str
+        self, partial: PartialDownload, stats: TransferStats, offset: int, max_bytes: int, what: str,
+        scan: FiniteScan | None,
     ) -> TaskState:
         watchdog = IdleWatchdog(self.idle_timeout, stats, "received")
         request = agent_pb2.FetchResultRequest(task_id=partial.task_id, offset=offset, checksums=FAST_CHECKSUMS)
@@ -330,7 +340,12 @@ class AgentClient(ResumingTransfers, AgentCaller):
                 stats.checksum = checksum
                 digest = partial.prefix_digest(offset, checksum) if offset else None
                 out = partial.open(header.payload_size, offset)
-                writer = PayloadWriter(out, header.payload_size, what, offset, digest, checksum)
+                if scan is not None and not offset:
+                    scan.start(header.payload_size)
+                elif scan is not None and scan.position != offset:  # resumed from bytes it did not see
+                    scan.abandon()
+                writer = PayloadWriter(out, header.payload_size, what, offset, digest, checksum,
+                                       scan.feed if scan is not None else None)
                 try:
                     writer.receive(messages)
                 except BaseException:

@@ -33,8 +33,19 @@ log = logging.getLogger(__name__)
 _PROGRESS_LOG_EVERY_S = 10.0
 # Codes after which asking again cannot help: the task is gone, or the site will not have us.
 _FINAL_CODES = ("NOT_FOUND", "PERMISSION_DENIED", "INVALID_ARGUMENT")
+
+
+@dataclass(frozen=True)
+class ReceivedResult:
+    """A downloaded result: its file, and its non-finite values per floating tensor, counted
+    as it arrived (None where they could not be: the workflow's checks count them)."""
+
+    path: Path
+    nonfinite: Mapping[str, int] | None = None
+
+
 # Takes a downloaded result: None when it was accepted, else why it was not.
-ResultHandler = Callable[[str, TaskState, Path], "str | None"]
+ResultHandler = Callable[[str, TaskState, ReceivedResult], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -172,7 +183,7 @@ class SiteCommunicator:
         try:
             while not (reason := tally.verdict(time.time())):
                 try:
-                    site, state, path = events.get(timeout=max(0.05, tally.seconds_to_next_check(time.time())))
+                    site, state, received = events.get(timeout=max(0.05, tally.seconds_to_next_check(time.time())))
                 except queue.Empty:
                     continue
                 if isinstance(state, Exception):
@@ -181,7 +192,7 @@ class SiteCommunicator:
                     self.log.warning("Round %d: site %s dropped: %s", flight.round, site, state)
                 elif state.terminal:
                     final[site] = state
-                    tally.record(site, self._settle(flight, site, state, path, on_result), time.time())
+                    tally.record(site, self._settle(flight, site, state, received, on_result), time.time())
                 else:
                     tally.record(site, state.status, time.time())
                     if time.time() - last_log > _PROGRESS_LOG_EVERY_S:
@@ -198,26 +209,36 @@ class SiteCommunicator:
             state = states[site]
             if not state.terminal:
                 continue  # a straggler: the workflow drops and aborts it
-            path = None
+            received = None
             if state.status == SUCCEEDED:
-                path = self._result_path(flight, site)
                 try:
-                    state = self.client(site).fetch_result(state.task_id, path)
+                    state, received = self._fetch(self.client(site), state.task_id, self._result_path(flight, site))
                 except AgentError as exc:
                     flight.drop(site, f"result not fetched: {exc}")
                     continue
-            self._settle(flight, site, state, path, on_result)
+            self._settle(flight, site, state, received, on_result)
 
-    def _settle(self, flight: InFlight, site: str, state: TaskState, path: Path | None, on_result: ResultHandler) -> str:
+    @staticmethod
+    def _fetch(client: AgentClient, task_id: str, path: Path) -> tuple[TaskState, ReceivedResult]:
+        """A task's result downloaded to ``path``, its finite values counted on the way."""
+        from ..wire.finite_scan import FiniteScan  # numpy: not on the DAG-parsing path
+
+        scan = FiniteScan()
+        state = client.fetch_result(task_id, path, scan=scan)
+        return state, ReceivedResult(path, scan.counts())
+
+    def _settle(
+        self, flight: InFlight, site: str, state: TaskState, received: ReceivedResult | None, on_result: ResultHandler
+    ) -> str:
         """An ended task: its result handed over, or the site dropped. Returns the status the rule counts."""
-        if state.status != SUCCEEDED or path is None:
+        if state.status != SUCCEEDED or received is None:
             flight.drop(site, f"task {state.status}: {state.error or 'no error given'}")
             self.log.warning("Round %d: site %s %s: %s", flight.round, site, state.status, state.error)
             return state.status if state.status != SUCCEEDED else FAILED
         try:
-            rejected = on_result(site, state, path)
+            rejected = on_result(site, state, received)
         finally:
-            path.unlink(missing_ok=True)
+            received.path.unlink(missing_ok=True)
         if rejected:
             flight.drop(site, rejected)
             self.log.warning("Round %d: update from %s rejected: %s", flight.round, site, rejected.removeprefix("update rejected: "))
@@ -241,11 +262,10 @@ class SiteCommunicator:
                     if stop.is_set():
                         return
                     if state.terminal:
-                        path = None
+                        received = None
                         if state.status == SUCCEEDED:
-                            path = self._result_path(flight, site)
-                            state = client.fetch_result(task_id, path)
-                        events.put((site, state, path))
+                            state, received = self._fetch(client, task_id, self._result_path(flight, site))
+                        events.put((site, state, received))
                         return
                     events.put((site, state, None))
             except AgentError as exc:

@@ -34,7 +34,7 @@ from ..tracking.tracker import MlflowSettings, RunTracking
 from ..wire.task_state import TaskState
 from ..wire.tensors import RESULT_KIND_KEY, TensorFile, TensorFormatError, describe_file, load_file, save_file
 from .checkpoints import RunCheckpoints
-from .communicator import SiteCommunicator, TaskOrder
+from .communicator import ReceivedResult, ResultHandler, SiteCommunicator, TaskOrder
 from .cyclic_plan import CyclicPlan, visiting_orders
 from .errors import RoundFailed
 from .evaluation import evaluate_at_sites
@@ -201,14 +201,14 @@ class CyclicRun:
         self.sites.collect(flight, states, self._taker(progress, flight.round))
         return self.finish_hop(progress, flight, states)
 
-    def _taker(self, progress: Progress, number: int) -> Callable[[str, TaskState, Path], str | None]:
+    def _taker(self, progress: Progress, number: int) -> ResultHandler:
         """Takes the site's result as the model of hop ``number``; why it was refused, or None."""
         current = progress.weights
 
-        def take(site: str, state: TaskState, path: Path) -> str | None:
-            dest = self._model_path(number)
+        def take(site: str, state: TaskState, received: ReceivedResult) -> str | None:
+            dest, path = self._model_path(number), received.path
             try:
-                validate_update(ModelSpec.of(current), path, site=site)
+                validate_update(ModelSpec.of(current), path, site=site, nonfinite=received.nonfinite)
                 kind = describe_file(path)[1].get(RESULT_KIND_KEY, "weights")
                 if kind == "weights":
                     shutil.move(path, dest)  # the communicator's file is ours to take

@@ -34,7 +34,7 @@ from ..tracking.tracker import MlflowSettings, RunTracking
 from ..wire.task_state import TaskState
 from ..wire.tensors import RESULT_KIND_KEY, RESULT_PRIVACY_KEY, TensorFile, TensorFormatError, describe_file, save_file
 from .checkpoints import RunCheckpoints
-from .communicator import SiteCommunicator, TaskOrder
+from .communicator import ReceivedResult, SiteCommunicator, TaskOrder
 from .cross_site import SharedLocalModels
 from .errors import RoundFailed
 from .evaluation import evaluate_at_sites
@@ -231,8 +231,9 @@ class ScatterGatherRun:
         """Wait for the round's sites per the gather rule, aggregating results as they arrive."""
         return self.sites.gather(flight, self.rule(flight), self._add_update)
 
-    def _add_update(self, site: str, state: TaskState, path: Path) -> str | None:
+    def _add_update(self, site: str, state: TaskState, received: ReceivedResult) -> str | None:
         """Fold one site's result into the aggregate; why it was rejected, or None."""
+        path = received.path
         try:
             # The result file says whether it holds full weights or a difference, and which
             # privacy filters the site applied to it.
@@ -242,7 +243,7 @@ class ScatterGatherRun:
             if state.round >= self.spec.num_rounds or self.selection.early_stop_rounds is not None:  # maybe the last round
                 self.local_models.keep(site, path, metadata)
             # The file is ours to give: an update that waits for its turn is moved, not copied.
-            self.aggregator.add(site, path, state.num_samples, kind, move=True)
+            self.aggregator.add(site, path, state.num_samples, kind, move=True, nonfinite=received.nonfinite)
             return None
         except (UpdateRejected, TensorFormatError) as exc:
             self.local_models.discard(site)

@@ -301,8 +301,11 @@ class SimulatedClient:
             if state.terminal or remaining <= 0:
                 return
 
-    def fetch_result(self, task_id: str, dest: str | os.PathLike, max_bytes: int | None = None) -> TaskState:
-        """Copy the task's result to ``dest`` (whole or not at all); the site keeps its copy until acknowledged."""
+    def fetch_result(self, task_id: str, dest: str | os.PathLike, max_bytes: int | None = None, scan=None) -> TaskState:
+        """Copy the task's result to ``dest`` (whole or not at all); the site keeps its copy until acknowledged.
+
+        ``scan`` is left unfed (no counts): a copy on one machine has no received bytes to
+        count on the way, so the aggregator counts the file itself."""
         path, state = self._call("FetchResult", lambda: self.site.result_file(task_id))
         dest = Path(dest)
         partial = dest.with_name(dest.name + ".part")

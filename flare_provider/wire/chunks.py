@@ -22,7 +22,7 @@ import os
 import queue
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -240,7 +240,8 @@ class PayloadWriter:
     in turn left the connection idle for each chunk's write and hash.
     """
 
-    def __init__(self, out: BinaryIO, announced: int, what: str, start: int = 0, digest=None, checksum: str = SHA256):
+    def __init__(self, out: BinaryIO, announced: int, what: str, start: int = 0, digest=None, checksum: str = SHA256,
+                 inspect: Callable[[bytes], None] | None = None):
         if start > announced:
             raise PayloadError(f"{what}: {start} bytes held, more than the {announced} announced")
         self.out = out
@@ -250,6 +251,7 @@ class PayloadWriter:
         self.accepted = start  # bytes checked and handed on: received, or queued to be written
         self.checksum = checksum
         self.digest = digest if digest is not None else new_hash(checksum)
+        self.inspect = inspect  # also given every byte written, in order (a FiniteScan's feed)
         self._written_back = start
 
     def receive(self, messages: Iterable) -> None:
@@ -297,6 +299,8 @@ class PayloadWriter:
     def _write(self, data: bytes) -> None:
         self.out.write(data)
         self.digest.update(data)
+        if self.inspect is not None:
+            self.inspect(data)
         self.received += len(data)
 
     def _write_and_write_back(self, data: bytes) -> None:

@@ -23,6 +23,7 @@ from flare_provider.wire import agent_pb2
 from flare_provider.wire.bundles import build_bundle
 from flare_provider.wire.checksums import identity_fields
 from flare_provider.wire.chunks import send_payload
+from flare_provider.wire.finite_scan import FiniteScan
 from flare_provider.wire.tensors import dump_bytes, load_file
 from site_agent.site_settings import SiteSettings
 
@@ -180,11 +181,13 @@ def test_download_cut_in_the_middle_resumes_and_fetches_only_the_rest(federation
     whole = trained_result(federation, "resume-down", tmp_path / "uncut.safetensors")
     dest = tmp_path / "result.safetensors"
     link.cut_after(len(weights) // 2, "down")
+    scan = FiniteScan()
     with direct_client(federation, link.address) as client:
-        state = client.fetch_result("resume-down", dest)
+        state = client.fetch_result("resume-down", dest, scan=scan)
         stats = client.last_transfer
     report("download cut at half", stats)
     assert state.task_id == "resume-down" and link.cuts == 1
+    assert scan.counts() == {"w": 0}, "the scan goes on where the cut left it, in the same call"
     assert stats.completed and stats.resumed_at and 0 < stats.resumed_at[0] < stats.payload_bytes
     assert stats.repeated_bytes < 0.1 * stats.payload_bytes, "resuming fetched much of the result again"
     assert dest.read_bytes() == (tmp_path / "uncut.safetensors").read_bytes()
@@ -228,6 +231,27 @@ def test_a_later_call_resumes_what_an_earlier_call_left(federation, agent, echo_
     assert created and stats.start_offset == kept and stats.resumed_at == [kept]
     assert stats.repeated_bytes < IN_FLIGHT_BOUND
     assert same_bits(trained_result(federation, "resume-later", tmp_path / "result.safetensors"), values)
+
+
+def test_a_download_resumed_by_a_later_call_completes_but_has_no_finite_counts(federation, agent, echo_app, link,
+                                                                               tmp_path):
+    values, weights = model(seed=9)
+    with direct_client(federation) as client:
+        client.submit_task("resume-down-later", echo_app, weights, 1)
+    trained_result(federation, "resume-down-later", tmp_path / "uncut.safetensors")
+    dest = tmp_path / "result.safetensors"
+    link.cut_after(len(weights) // 2, "down", stay_down=True)
+    with direct_client(federation, link.address, resume_attempts=1) as client:
+        with pytest.raises(AgentError):
+            client.fetch_result("resume-down-later", dest, scan=FiniteScan())
+    scan = FiniteScan()
+    with direct_client(federation) as client:
+        client.fetch_result("resume-down-later", dest, scan=scan)
+        assert 0 < client.last_transfer.start_offset < len(weights)
+    assert same_bits(load_file(dest)["w"], values)
+    # The first half arrived in the earlier call, unseen by this scan: no counts, so the
+    # aggregator reads the file to count them itself.
+    assert scan.counts() is None
 
 
 def test_a_payload_with_another_digest_never_resumes_anothers_bytes(federation, agent, echo_app, link, tmp_path):

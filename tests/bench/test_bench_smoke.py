@@ -24,7 +24,7 @@ EXPECTED = {
                "Engine memory by phase of a round (peak over rounds)",
                "One transfer alone against the bare stream (same federation, same run)",
                "Limits on this machine (same run)"], 2),
-    "aggregation": (["FedAvg throughput", "Where the time goes (in turn)"], 2),
+    "aggregation": (["FedAvg throughput", "Where the time goes (in turn)"], 3),
     "snapshot": (["8 MiB model, moto S3 server on loopback", "Where the time goes"], 2),
     "gpu": (["Samples per second"], 2),
     "relay": (["Round overhead (plus-one app, training time taken out)", "Wire: one 8 MiB upload and download, each alone",
