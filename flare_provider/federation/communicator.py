@@ -4,7 +4,8 @@ A workflow (scatter-gather today) says *what* each site should do; the
 :class:`SiteCommunicator` does the talking: it submits the tasks (giving a restarting
 site ``connect_grace`` to come back, re-attaching to a task the site already has), waits
 for them by a :class:`~flare_provider.federation.gather.GatherRule` while following each
-site's progress, downloads each result to a file for the workflow to take, and
+site's progress, downloads each result to a file for the workflow to take (counting its NaN
+and infinite values on the way: :class:`ReceivedResult`), and
 acknowledges or aborts the tasks when the workflow says so. No Airflow here.
 """
 
