@@ -220,7 +220,9 @@ def test_a_damaged_round_is_skipped_and_named(server, admin, airflow_home, run_i
     key = f"federations/{DAG_ID}/{encode_name(run_id)}/round_00002/state.json"
     s3 = airflow_home.s3.client()
     original = s3.get_object(Bucket=airflow_home.bucket, Key=key)["Body"].read()
-    s3.put_object(Bucket=airflow_home.bucket, Key=key, Body=original.replace(b'"round": 2', b'"round": 7'))
+    damaged = original.replace(b'"round":2', b'"round":7')  # same size, another SHA-256
+    assert damaged != original
+    s3.put_object(Bucket=airflow_home.bucket, Key=key, Body=damaged)
     try:
         page = parse(server.get("/flare/", admin).text)
         row = page.one("tr", data_run=run_id)
