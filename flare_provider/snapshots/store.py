@@ -340,7 +340,7 @@ class SnapshotStore:
     @contextmanager
     def _staging(self, folder: str | None = None) -> Iterator[Path]:
         """A scratch folder, removed afterwards; for files to store under ``folder``, where the
-        backend can adopt them cheaply (a local store: inside that folder, hidden)."""
+        backend can adopt them cheaply (a local store: a hidden folder of the store itself)."""
         near = self.backend.staging_dir(folder) if folder is not None else None
         if near is None and self.tmp_dir is not None:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
