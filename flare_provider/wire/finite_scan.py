@@ -83,16 +83,20 @@ class FiniteScan:
 
     def _read_head(self, view: memoryview) -> int:
         """Take header bytes from ``view``; how many were used. Sets the spans once the header is whole."""
-        need = 8 if len(self._head) < 8 else 8 + struct.unpack("<Q", self._head[:8])[0]
-        used = min(len(view), need - len(self._head))
-        self._head += view[:used]
-        if len(self._head) == 8:
+        used = 0
+        if len(self._head) < 8:
+            used = min(len(view), 8 - len(self._head))
+            self._head += view[:used]
+            if len(self._head) < 8:
+                return used
             (length,) = struct.unpack("<Q", self._head)
-            if length > min(self.size - 8, MAX_HEADER_BYTES):
+            if not 0 < length <= min(self.size - 8, MAX_HEADER_BYTES):
                 self._broken = True
                 return used
-            more = self._read_head(view[used:]) if used < len(view) else 0
-            return used + more
+        need = 8 + struct.unpack("<Q", self._head[:8])[0]
+        take = min(len(view) - used, need - len(self._head))
+        self._head += view[used : used + take]
+        used += take
         if len(self._head) == need:
             try:
                 layout, _, offsets = parse_header(bytes(self._head[8:]), self.size, TensorFormatError)

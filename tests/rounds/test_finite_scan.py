@@ -60,6 +60,8 @@ def test_a_scan_without_every_byte_or_with_a_bad_header_has_no_counts():
     abandoned.abandon()
     assert abandoned.counts() is None
     assert fed(b"\x05" + data[1:], []).counts() is None  # header length wrong: not parsed
+    assert fed(bytes(8) + data[8:], []).counts() is None  # a header of length 0: refused, not looped on
+    assert fed(bytes(8) + data[8:], [3, 8, 9]).counts() is None
     assert fed(data[:8] + b"[" + data[9:], []).counts() is None  # header not JSON
     restarted = fed(b"garbage" * 3, [])
     restarted.start(len(data))
