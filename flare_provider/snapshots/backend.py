@@ -15,6 +15,10 @@ from .model_files import HashedTensors, read_hashed
 
 
 class Backend(ABC):
+    # True where adopt_file moves the file itself into the store, flushed to disk there (a
+    # local store): whoever writes a file to adopt has its bytes go to disk as it writes.
+    adopts_in_place = False
+
     @abstractmethod
     def uri(self, key: str = "") -> str:
         """The URI of ``key`` (the root without one)."""

@@ -22,6 +22,8 @@ def path_from_file_uri(uri: str) -> Path:
 
 
 class LocalBackend(Backend):
+    adopts_in_place = True
+
     def __init__(self, root: Path):
         if not root.is_absolute():
             raise ValueError(f"a file snapshot store needs an absolute path, got {str(root)!r}")

@@ -148,7 +148,9 @@ class SnapshotStore:
             files = {MODEL_FILE: self._model_file(weights_or_file, staging)}
             if state_tensors:
                 path = staging / SERVER_STATE_FILE
-                files[SERVER_STATE_FILE] = path, write_hashed(state_tensors, path, "state tensors")
+                files[SERVER_STATE_FILE] = path, write_hashed(
+                    state_tensors, path, "state tensors", writeback=self.backend.adopts_in_place
+                )
             manifest = {}
             for name, (path, (sha256, size)) in files.items():
                 # Files written here are given up (a local store moves them in); the caller's are copied.
@@ -354,7 +356,7 @@ class SnapshotStore:
         """The model's file and its SHA-256 and size."""
         if isinstance(weights_or_file, Mapping):
             path = staging / MODEL_FILE
-            return path, write_hashed(weights_or_file, path, "weights")
+            return path, write_hashed(weights_or_file, path, "weights", writeback=self.backend.adopts_in_place)
         path = Path(weights_or_file)
         load_tensors(path, str(path), header_only=True)
         return path, file_digest(path)

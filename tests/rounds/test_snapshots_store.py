@@ -353,3 +353,31 @@ def test_a_local_store_on_another_file_system_copies_what_it_adopts(tmp_path):
         assert backend.stat("run/kept.bin") == (7, tag)
     finally:
         shutil.rmtree(other)
+
+
+@pytest.mark.parametrize("writeback", [False, True])
+def test_a_model_written_in_pieces_is_hashed_as_written(tmp_path, writeback):
+    """A model larger than one piece is hashed on a second thread while it is written: the
+    digest is the file's, whatever the tensors' sizes against the pieces, and the file is
+    the safetensors library's (what a store writes is what any reader loads)."""
+    import hashlib
+
+    from safetensors.numpy import load_file
+
+    from flare_provider.snapshots import model_files
+
+    piece = model_files._WRITE_PIECE
+    rng = np.random.default_rng(7)
+    tensors = {
+        "tail": rng.random(3, np.float32),  # smaller than a piece
+        "across": rng.random(piece // 4 * 2 + 5, np.float32),  # two pieces and a few bytes
+        "exact": rng.integers(0, 9, piece // 8, np.int64),  # exactly one piece
+        "strided": rng.random((64, 8193))[:, ::2],  # not contiguous: copied, then written
+    }
+    path = tmp_path / "model.safetensors"
+    sha256, size = model_files.write_hashed(tensors, path, "weights", writeback=writeback)
+    assert (sha256, size) == (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size)
+    loaded = load_file(path)
+    assert sorted(loaded) == sorted(tensors)
+    for name, array in tensors.items():
+        assert np.array_equal(loaded[name], array), name
