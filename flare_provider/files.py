@@ -64,6 +64,34 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         call(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+# How much a file fsynced at its end writes before the kernel is told to start on it.
+WRITEBACK_BYTES = 8 << 20
+
+
+class WritebackWriter:
+    """Writes passed on to a file that will be fsynced when complete; every ``WRITEBACK_BYTES``
+    the kernel is told to start writing what came so far (:func:`start_writeback`), so the
+    fsync waits for the tail only instead of the whole file."""
+
+    def __init__(self, out: BinaryIO):
+        self._out = out
+        self._written = 0
+        self._written_back = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        left = view
+        while left:  # an unbuffered file may take part of a write
+            taken = self._out.write(left)
+            left = left[taken:]
+        self._written += len(view)
+        if self._written - self._written_back >= WRITEBACK_BYTES:
+            self._out.flush()
+            start_writeback(self._out.fileno(), self._written_back, self._written - self._written_back)
+            self._written_back = self._written
+        return len(view)
+
+
 @contextmanager
 def atomic_file(path: str | Path, mode: int = 0o644, durable: bool = True) -> Iterator[BinaryIO]:
     """Write ``path`` through a temporary file beside it, renamed into place only on success.

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..aggregation.spec import ModelSpec
-from ..files import start_writeback
+from ..files import WritebackWriter
 from ..wire.tensors import (
     MAX_HEADER_BYTES,
     SAFETENSORS_DTYPES,
@@ -34,16 +34,13 @@ class _HashingWriter:
     """Passes writes on to a file, hashing them: the model is written and hashed in one pass.
 
     A large write goes in pieces: each is hashed on a second thread while it is written
-    (SHA-256 and the write both run without the GIL), so the commit takes about as long as
-    the hash alone. With ``writeback`` (a file that is fsynced afterwards) the kernel starts
-    writing each piece to disk as it is written, and the fsync waits for the last one only.
+    (SHA-256 and the write both run without the GIL), so writing the model takes about as
+    long as hashing it alone.
     """
 
-    def __init__(self, out, hasher: ThreadPoolExecutor, writeback: bool):
+    def __init__(self, out, hasher: ThreadPoolExecutor):
         self._out = out
         self._hasher = hasher
-        self._writeback = writeback
-        self._flushed = 0  # bytes handed to the kernel for writeback
         self.digest = hashlib.sha256()
         self.size = 0
 
@@ -53,23 +50,15 @@ class _HashingWriter:
             piece = view[start : start + _WRITE_PIECE]
             if len(piece) < _WRITE_PIECE:
                 self.digest.update(piece)
-                self._write(piece)
+                self._out.write(piece)
                 continue
             hashed = self._hasher.submit(self.digest.update, piece)
             try:
-                self._write(piece)
+                self._out.write(piece)
             finally:
                 hashed.result()
+        self.size += len(view)
         return len(view)
-
-    def _write(self, piece: memoryview) -> None:
-        while piece:  # an unbuffered file may take part of a write
-            written = self._out.write(piece)
-            self.size += written
-            piece = piece[written:]
-        if self._writeback and self.size - self._flushed >= _WRITE_PIECE:
-            start_writeback(self._out.fileno(), self._flushed, self.size - self._flushed)
-            self._flushed = self.size
 
 
 def write_hashed(
@@ -86,8 +75,8 @@ def write_hashed(
         ModelSpec.of(tensors)
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from None
-    with ThreadPoolExecutor(1, thread_name_prefix="flare-hash") as hasher, open(path, "wb", buffering=0) as f:
-        out = _HashingWriter(f, hasher, writeback)
+    with ThreadPoolExecutor(1, thread_name_prefix="flare-hash") as hasher, open(path, "wb") as f:
+        out = _HashingWriter(WritebackWriter(f) if writeback else f, hasher)
         write_tensors_to(out, tensors)
     return out.digest.hexdigest(), out.size
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from ..files import start_writeback
+from ..files import WRITEBACK_BYTES, start_writeback
 from . import agent_pb2
 from .checksums import SHA256, display_name, end_digest, end_fields, new_hash
 from .payload_codec import Chunk
@@ -39,9 +39,8 @@ MAX_MESSAGE_BYTES = MAX_CHUNK_SIZE + (64 << 10)
 # Payloads larger than this are written and hashed by a second thread (see PayloadWriter).
 WRITE_BEHIND_BYTES = 2 * DEFAULT_CHUNK_SIZE
 WRITE_BEHIND_DEPTH = 4  # chunks queued for that thread at most: memory stays a few chunks
-# ...which also has the kernel start writing each this many bytes to disk as they arrive, so
+# ...which also has the kernel start writing each WRITEBACK_BYTES to disk as they arrive, so
 # that the fsync at the end waits for the last few only.
-WRITEBACK_BYTES = 8 << 20
 PARTIAL_PREFIX = ".incoming-"  # files being received; a crash may leave one, safe to delete
 # Trailing metadata of an upload refused for its offset: how many bytes of the payload the
 # receiver holds, so that the sender resumes from there without asking.

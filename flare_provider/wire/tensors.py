@@ -27,7 +27,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
-from ..files import atomic_file
+from ..files import WritebackWriter, atomic_file
 
 RESULT_KIND_KEY = "flare.result_kind"
 """Metadata key of a site's result file: ``"weights"`` (full weights) or ``"difference"``
@@ -155,7 +155,8 @@ def save_file(
     """Write ``tensors`` to ``path`` atomically (a reader sees the old file or the whole new one),
     streamed tensor by tensor. ``durable=False`` skips the fsync, for scratch files.
     ``digest``: a hashlib object fed every byte written (the file's digest, without reading it back)."""
-    with atomic_file(path, durable=durable) as out:
+    with atomic_file(path, durable=durable) as file:
+        out = WritebackWriter(file) if durable else file  # to disk as it comes: the fsync waits for the tail
         write_tensors_to(out if digest is None else _HashingWriter(out, digest), tensors, metadata)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from flare_provider.files import atomic_file
+from flare_provider.files import WritebackWriter, atomic_file
 from flare_provider.wire.tensors import (
     SAFETENSORS_DTYPES,
     TensorFile,
@@ -160,15 +160,17 @@ def save_weights(path: Path, weights: Mapping[str, Any], metadata: dict[str, str
         if any(str(v.dtype).removeprefix("torch.") not in _NUMPY_VIEWABLE for v in tensors.values()):
             from safetensors.torch import save
 
-            with atomic_file(path, mode=0o600, durable=False) as out:
-                out.write(save(tensors, metadata=metadata))
+            with atomic_file(path, mode=0o600) as out:
+                WritebackWriter(out).write(save(tensors, metadata=metadata))
             return
         arrays = {k: v.numpy() for k, v in tensors.items()}
     else:
         arrays = {k: np.asarray(v, order="C") for k, v in weights.items()}
-    # The agent makes the result durable when it records it: no fsync here.
-    with atomic_file(path, mode=0o600, durable=False) as out:
-        write_tensors_to(out, arrays, metadata)
+    # Flushed to disk before the result is recorded (the record is the commit point): a
+    # power cut must not leave a recorded result whose bytes never reached the disk. The
+    # kernel writes it out as it comes, so the closing fsync waits for the tail only.
+    with atomic_file(path, mode=0o600) as out:
+        write_tensors_to(WritebackWriter(out), arrays, metadata)
 
 
 def finite_metrics(metrics: Any, what: str) -> dict[str, float]:
