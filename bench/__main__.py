@@ -25,7 +25,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
 QUICK = {
     "sites": [2], "rounds": 2, "stores": ["file", "s3"], "model_mib": [8, 4], "large_sites": [2, 3], "large_rounds": 1,
     "updates": 2, "update_mib": 4, "snapshot_mib": 8, "repeats": 1, "cpu_samples": 512, "cpu_epochs": 2,
-    "relay_sites": [2], "relay_rounds": 2, "relay_wire_mib": 8, "relay_many": 4,
+    "relay_sites": [2], "relay_rounds": 2, "relay_wire_mib": 8, "relay_memory_mib": 16, "relay_many": 4,
 }
 
 
@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--relay-sites", type=int, nargs="+", default=[2, 8], help="federation sizes (default: 2 8)")
     group.add_argument("--relay-rounds", type=int, default=10)
     group.add_argument("--relay-wire-mib", type=int, default=256, help="model size of the wire figures")
+    group.add_argument("--relay-memory-mib", type=int, default=1024,
+                       help="model carried up and down once before the relay's memory is read (default: 1024)")
     group.add_argument("--relay-many", type=int, default=32, help="sites attached to one relay (default: 32)")
     args = parser.parse_args(argv)
     unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
@@ -85,7 +87,8 @@ def command(name: str, args: argparse.Namespace) -> str:
             f" --cpu-samples {args.cpu_samples}" if args.cpu_samples else "") + (
             f" --cpu-epochs {args.cpu_epochs}" if args.cpu_epochs else ""),
         "relay": f"--relay-sites {' '.join(map(str, args.relay_sites))} --relay-rounds {args.relay_rounds} "
-                 f"--relay-wire-mib {args.relay_wire_mib} --relay-many {args.relay_many}",
+                 f"--relay-wire-mib {args.relay_wire_mib} --relay-memory-mib {args.relay_memory_mib} "
+                 f"--relay-many {args.relay_many}",
     }
     return f"python -m bench {name} {options[name]}" + (" --quick" if args.quick else "")
 
@@ -102,7 +105,8 @@ def run_one(name: str, args: argparse.Namespace, work: Path, s3) -> Section:
     if name == "snapshot":
         return snapshot.run(work, s3, args.snapshot_mib * MIB, args.repeats, cmd)
     if name == "relay":
-        return relay.run(work, args.relay_sites, args.relay_rounds, args.relay_wire_mib * MIB, args.relay_many, cmd)
+        return relay.run(work, args.relay_sites, args.relay_rounds, args.relay_wire_mib * MIB, args.relay_memory_mib * MIB,
+                         args.relay_many, cmd)
     cpu = gpu.CPU_WORKLOAD
     if args.cpu_samples:
         cpu = replace(cpu, samples=args.cpu_samples)
