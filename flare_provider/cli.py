@@ -169,6 +169,7 @@ class RelayKitError(ValueError):
 
 def _relay_settings(kit: Path, args: argparse.Namespace) -> tuple[str, TlsIdentity, str, int]:
     """(name, TLS identity, host, port) of a verified server kit's relay; the flags win over server.json."""
+    from .relay.listen import EVERY_ADDRESS
     from .relay.tls import TlsIdentity  # TLS only when a relay runs
 
     config_path = kit / STARTUP / SERVER_CONFIG
@@ -185,7 +186,12 @@ def _relay_settings(kit: Path, args: argparse.Namespace) -> tuple[str, TlsIdenti
             (startup / config["root_ca"]).read_bytes(),
         )
         identity.context(server_side=True)  # a bad certificate or key is named here, not as a listening error
-        return config["server"], identity, args.host or listen.get("host", "0.0.0.0"), int(port)
+        host = args.host or listen.get("host") or EVERY_ADDRESS
+        if not isinstance(host, str):
+            raise RelayKitError(f"{config_path}: the relay's host must be an address or host name, found {host!r}")
+        return config["server"], identity, host, int(port)
+    except RelayKitError:
+        raise
     except FileNotFoundError as exc:
         if not config_path.is_file():
             raise RelayKitError(f"{config_path} not found: a relay starts from a server participant's kit") from None
@@ -237,7 +243,8 @@ def cmd_relay_start(args: argparse.Namespace) -> int:
     try:
         run_relay(name, identity, host, port)
     except OSError as exc:  # the port is taken or the address is not this machine's
-        print(f"error: relay {name} cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        print(f"error: relay {name} cannot listen on {where}: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -295,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     relay = relay.add_subparsers(dest="relay_command", required=True)
     rs = relay.add_parser("start", help="verify the server kit and serve its relay (in the foreground) until SIGTERM")
     rs.add_argument("--kit", required=True, help="a server participant's kit folder")
-    rs.add_argument("--host", help="address to listen on (default: server.json's relay host, 0.0.0.0)")
+    rs.add_argument("--host", help="address or host name to listen on (default: server.json's relay host; '::' is "
+                                   "every address, IPv6 and IPv4, and 0.0.0.0 every IPv4 address)")
     rs.add_argument("--port", type=int, help="port to listen on (default: server.json's relay port: fed_learn_port)")
     rs.add_argument("--root-fingerprint", help="refuse a kit whose root CA has another SHA-256 fingerprint")
     rs.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

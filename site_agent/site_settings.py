@@ -24,7 +24,7 @@ from .runtime.metric_series import MetricsPolicy, parse_metrics_policy
 
 _REQUIRED = ("data_dir", "work_dir")
 _KNOWN = {"data_dir", "work_dir", "gpus", "allow_custom_code", "max_concurrent_cpu_tasks", "preload_modules", "connect",
-          "proxy", "relay_data", "privacy", "share_local_model", "data_version"}
+          "proxy", "no_proxy", "relay_data", "privacy", "share_local_model", "data_version"}
 _KNOWN |= {"metrics"}  # docs/tracking.md: which training-curve metrics leave the site, how many points
 _KNOWN |= {"custom_code", "python"}  # docs/apps.md, "What a site accepts"
 CONNECT_MODES = ("outbound", "listen")
@@ -47,6 +47,9 @@ class SiteSettings:
     # None (a kit from before relays): outbound when the kit lists relays
     connect: str | None = None
     proxy: str | None = None  # http://[user:password@]host:port for dialling out; default $https_proxy
+    # relays dialled directly although ``proxy`` is set (a no_proxy list); the environment's
+    # no_proxy goes with $https_proxy only (site_agent/relay_proxies.py)
+    no_proxy: str | None = None
     # plain: a path's data connection is TCP carrying only the end-to-end TLS session (fastest);
     # tls: wrapped in TLS to the relay as well, for proxies that let nothing else through
     relay_data: str = "plain"
@@ -117,6 +120,7 @@ def parse_site_settings(doc: Any, base_dir: Path, source: str = "site.yaml") -> 
         preload_modules=_modules(doc.get("preload_modules", list(SiteSettings.preload_modules)), source),
         connect=_choice(doc.get("connect"), CONNECT_MODES, "connect", source) if doc.get("connect") is not None else None,
         proxy=_proxy(doc.get("proxy"), source),
+        no_proxy=_no_proxy(doc.get("no_proxy"), doc.get("proxy"), source),
         relay_data=_choice(doc.get("relay_data", "plain"), RELAY_DATA_MODES, "relay_data", source),
         privacy=_privacy(doc.get("privacy"), source),
         share_local_model=_bool(doc.get("share_local_model", False), "share_local_model", source),
@@ -187,6 +191,27 @@ def _proxy(value: Any, source: str) -> str | None:
         HttpProxy.from_url(value)
     except ValueError as exc:
         raise SettingsError(f"{source}: 'proxy': {exc}") from None
+    return value
+
+
+def _no_proxy(value: Any, proxy: Any, source: str) -> str | None:
+    """A no_proxy list as text (``a, b`` or a YAML list), checked entry by entry."""
+    if value in (None, "", []):
+        return None
+    from .relay_proxies import NoProxy
+
+    if isinstance(value, list) and all(isinstance(entry, str) for entry in value):
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise SettingsError(f"{source}: 'no_proxy' must be a list of hosts such as [relay.lan, 10.0.0.0/8] "
+                            f"or text 'relay.lan, 10.0.0.0/8', found {value!r}")
+    if proxy in (None, ""):
+        raise SettingsError(f"{source}: 'no_proxy' names relays to reach without the proxy set by 'proxy', "
+                            f"and there is no 'proxy' here (the environment's https_proxy goes with its own no_proxy)")
+    try:
+        NoProxy.parse(value)
+    except ValueError as exc:
+        raise SettingsError(f"{source}: 'no_proxy': {exc}") from None
     return value
 
 

@@ -176,8 +176,9 @@ def write_server_kit(kit_dir: Path, project: Project, server: Participant, ident
         "root_fingerprint": root.fingerprint,
         "sites": sites,
         "relays": relay_endpoints(project),
-        # Where this server's own relay listens (`flare relay start`, startup/start.sh).
-        "relay": {"host": "0.0.0.0", "port": server.fed_learn_port},
+        # Where this server's own relay listens (`flare relay start`, startup/start.sh): "::" is
+        # every address of its machine, IPv6 and IPv4 (IPv4 alone where the machine has no IPv6).
+        "relay": {"host": "::", "port": server.fed_learn_port},
     }
     _write_json(startup / SERVER_CONFIG, config)
     conn_id = connection_id(project.name)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -71,25 +70,42 @@ class HttpProxy:
 
     @classmethod
     def from_url(cls, url: str) -> "HttpProxy":
-        parsed = urlparse(url if "://" in url else f"http://{url}")
-        if parsed.scheme not in ("http", "") or not parsed.hostname:
-            raise ValueError(f"proxy {url!r}: expected http://[user:password@]host:port")
-        return cls(parsed.hostname, parsed.port or 3128,
+        """``http://[user:password@]host[:port]`` (port 3128 when left out); raises ValueError saying
+        what is wrong, with any password in the URL blanked out."""
+        shown = _without_password(url)
+        try:
+            parsed = urlparse(url if "://" in url else f"http://{url}")
+        except ValueError as exc:  # e.g. an unclosed [ of an IPv6 address
+            raise ValueError(f"proxy {shown!r} is not a URL ({exc}): "
+                             f"expected http://[user:password@]host:port") from None
+        if parsed.scheme != "http":
+            raise ValueError(f"proxy {shown!r}: only http:// proxies are supported (the tunnel inside is TLS "
+                             f"already), found {parsed.scheme}://")
+        if not parsed.hostname:
+            raise ValueError(f"proxy {shown!r} names no host: expected http://[user:password@]host:port")
+        if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+            raise ValueError(f"proxy {shown!r}: expected http://[user:password@]host:port, with no path")
+        try:
+            port = parsed.port
+        except ValueError:
+            raise ValueError(f"proxy {shown!r}: the port must be a number from 1 to 65535") from None
+        if port == 0:
+            raise ValueError(f"proxy {shown!r}: the port must be a number from 1 to 65535")
+        return cls(parsed.hostname, port or 3128,
                    unquote(parsed.username) if parsed.username else None,
                    unquote(parsed.password) if parsed.password else None)
 
-    @classmethod
-    def from_environment(cls, host: str) -> "HttpProxy | None":
-        """``https_proxy`` / ``HTTPS_PROXY`` unless ``no_proxy`` names ``host``."""
-        url = os.environ.get("https_proxy") or os.environ.get("HTTPS_PROXY")
-        skip = os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or ""
-        if not url or any(host == p.strip() or (p.strip().startswith(".") and host.endswith(p.strip()))
-                          for p in skip.split(",") if p.strip()):
-            return None
-        return cls.from_url(url)
-
     def describe(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _without_password(url: str) -> str:
+    """``url`` fit for a message: a password in it replaced by ``***``."""
+    scheme, sep, rest = url.rpartition("://")
+    credentials, at, place = rest.rpartition("@")
+    if at and ":" in credentials:
+        rest = f"{credentials.split(':', 1)[0]}:***@{place}"
+    return f"{scheme}{sep}{rest}"
 
 
 async def connect_socket(relay: RelayEndpoint, proxy: HttpProxy | None = None) -> socket.socket:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..provisioning.certs import PeerIdentity
+from .listen import open_listeners, peer_address
 from .loops import new_event_loop
 from .protocol import (
     OPEN_TIMEOUT_S,
@@ -92,22 +93,14 @@ class Relay:
         self.site_ends = {"plain": 0, "tls": 0}  # how sites' ends of paths joined, since start
 
     async def start(self, host: str, port: int) -> int:
-        """Listen on every address of ``host``; returns the port (useful with port 0)."""
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            listener = socket.socket(family, kind, proto)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            listener.bind(address if not self._listeners else (address[0], port, *address[2:]))
-            port = port or listener.getsockname()[1]  # port 0: every address gets the first one's port
-            listener.listen(512)
-            listener.setblocking(False)
+        """Listen at ``host`` (``::``: every address, IPv6 and IPv4; see :mod:`.listen`); returns the
+        port (useful with port 0)."""
+        listeners, where = open_listeners(host, port)
+        for listener in listeners:
             self._listeners.append(listener)
             self._spawn(self._accept(listener))
-        log.info("Relay %s listening on %s:%d", self.name, host, port)
-        return port
+        log.info("Relay %s listening on %s", self.name, where)
+        return listeners[0].getsockname()[1]
 
     async def close(self) -> None:
         for listener in self._listeners:
@@ -136,7 +129,7 @@ class Relay:
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._spawn(self._first_byte(sock, f"{peer[0]}:{peer[1]}"))
+            self._spawn(self._first_byte(sock, peer_address(peer)))
 
     async def _first_byte(self, sock: socket.socket, address: str) -> None:
         """TLS (a handshake record) or a plain data connection: peek, take nothing."""

@@ -2,11 +2,12 @@
 
 With ``connect: outbound`` (site.yaml) the agent listens on a Unix socket only, and this
 connector keeps one attachment per relay of the kit: a TLS connection (through the HTTP
-proxy the site names, if any) on which the relay asks for paths and the site pings. For
-each path the site dials a fresh data connection to the relay (plain TCP with the path's
-one-time token, or TLS with ``relay_data: tls``) and joins it to the local agent; the
-caller's mutual TLS with the agent runs inside, end to end. A relay that goes
-away is dialled again with jittered backoff. The site opens no port at all.
+proxy the site names for that relay, if any: see ``site_agent.relay_proxies``) on which
+the relay asks for paths and the site pings. For each path the site dials a fresh data
+connection to the relay (plain TCP with the path's one-time token, or TLS with
+``relay_data: tls``) and joins it to the local agent; the caller's mutual TLS with the
+agent runs inside, end to end. A relay that goes away is dialled again with jittered
+backoff. The site opens no port at all.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from flare_provider.relay.dial import HttpProxy, RelayEndpoint, dial_relay, join_path
@@ -59,13 +60,14 @@ class OutboundConnector:
         identity: TlsIdentity,
         agent_socket: str,
         *,
-        proxy: HttpProxy | None = None,
+        proxies: Mapping[str, HttpProxy | None] | None = None,
         ping_interval: float = PING_INTERVAL_S,
         relay_data: str = "plain",
     ):
         self.site = site
         self.agent_socket = agent_socket
-        self.proxy = proxy
+        # by relay name: the proxy to dial that relay through, None (or absent) to dial it directly
+        self.proxies = dict(proxies or {})
         self.relay_data = relay_data  # "tls": data connections look like TLS too, for proxies that insist
         self.ping_interval = ping_interval
         self.states = {relay.name: AttachmentState(relay) for relay in relays}
@@ -104,18 +106,19 @@ class OutboundConnector:
         relay, failures = state.relay, 0
         while True:
             try:
-                reader, writer, _ = await dial_relay(relay, self._context, {"op": "attach", "site": self.site}, self.proxy)
+                reader, writer, _ = await dial_relay(relay, self._context, {"op": "attach", "site": self.site},
+                                                 self.proxies.get(relay.name))
             except (RelayProtocolError, OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
                 failures += 1
                 state.error = _reason(exc)
                 delay = min(_BACKOFF_MAX_S, _BACKOFF_MIN_S * 2 ** min(failures - 1, 6)) * random.uniform(0.5, 1.5)
                 log.warning("Site %s: cannot attach to relay %s at %s%s: %s; retrying in %.1fs", self.site, relay.name,
-                            relay.address, self._via(), state.error, delay)
+                            relay.address, self._via(relay), state.error, delay)
                 await asyncio.sleep(delay)
                 continue
             failures = 0
             state.attached, state.connected_since, state.last_ping, state.error = True, time.time(), time.time(), ""
-            log.info("Site %s: attached to relay %s at %s%s", self.site, relay.name, relay.address, self._via())
+            log.info("Site %s: attached to relay %s at %s%s", self.site, relay.name, relay.address, self._via(relay))
             try:
                 await self._serve_attachment(state, reader, writer)
             except (RelayProtocolError, OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
@@ -151,11 +154,12 @@ class OutboundConnector:
     async def _join(self, relay: RelayEndpoint, message: dict) -> None:
         """A caller asked for a path: join it with a data connection and carry it to the local agent."""
         conn, token = str(message.get("conn")), message.get("token")
+        proxy = self.proxies.get(relay.name)
         try:
             if self.relay_data == "tls" or not token:
-                relay_end = await dial_relay(relay, self._context, {"op": "data", "conn": conn}, self.proxy)
+                relay_end = await dial_relay(relay, self._context, {"op": "data", "conn": conn}, proxy)
             else:
-                relay_end = await join_path(relay, str(token), self.proxy)
+                relay_end = await join_path(relay, str(token), proxy)
         except (RelayProtocolError, OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
             log.warning("Site %s: path %s through relay %s failed: %s", self.site, conn, relay.name, _reason(exc))
             return
@@ -174,8 +178,9 @@ class OutboundConnector:
             agent_reader, agent_writer = await asyncio.open_unix_connection(sock=agent, limit=BUFFER_LIMIT)
             await splice(relay_end[0], relay_end[1], agent_reader, agent_writer)
 
-    def _via(self) -> str:
-        return f" through proxy {self.proxy.describe()}" if self.proxy else ""
+    def _via(self, relay: RelayEndpoint) -> str:
+        proxy = self.proxies.get(relay.name)
+        return f" through proxy {proxy.describe()}" if proxy else " directly"
 
 
 def _reason(exc: BaseException) -> str:

@@ -28,6 +28,7 @@ from flare_provider.wire.chunks import MAX_MESSAGE_BYTES, PARTIAL_PREFIX
 from flare_provider.wire.payload_codec import add_agent_servicer
 
 from ..kit_config import ConfigError, load_agent_config
+from ..relay_proxies import relay_proxies
 from ..runtime.app_store import APPS_DIR, AppStore
 from ..runtime.task_manager import TaskManager
 from ..site_settings import load_site_settings
@@ -78,6 +79,10 @@ class SiteAgent:
         self.connect = self.settings.connect or ("outbound" if self.config.relays else "listen")
         if self.connect == "outbound" and not self.config.relays:
             raise ConfigError(f"site {self.config.site}: site.yaml says connect: outbound, but the kit lists no relays")
+        # Each relay on its own: no_proxy may send one through the proxy and another directly.
+        # A bad proxy URL or no_proxy entry stops the agent here, before it takes the work folder.
+        self.proxies = (relay_proxies(self.config.relays, self.settings.proxy, self.settings.no_proxy, os.environ)
+                        if self.connect == "outbound" else {})
 
     def start(self) -> int:
         """Claim the work folder, listen, start the runtime; returns the port listened on."""
@@ -102,10 +107,9 @@ class SiteAgent:
         self._server = server
         if self.connector is not None:
             self.connector.start()
-            log.info(
-                "agent of site %s (project %s) dials out to relays %s; mutual TLS end to end, no port open",
-                self.config.site, self.config.project, ", ".join(f"{r.name} ({r.address})" for r in self.config.relays),
-            )
+            routes = [f"{r.name} ({r.address}, {_route(self.proxies.get(r.name))})" for r in self.config.relays]
+            log.info("agent of site %s (project %s) dials out to relays %s; mutual TLS end to end, no port open",
+                     self.config.site, self.config.project, ", ".join(routes))
         else:
             log.info(
                 "agent of site %s (project %s) listening on %s:%d with mutual TLS",
@@ -150,14 +154,13 @@ class SiteAgent:
         self._socket_dir = tempfile.mkdtemp(prefix="flare-agent-")  # short: Unix socket paths are limited
         socket_path = os.path.join(self._socket_dir, "agent.sock")
         (self.settings.work_dir / SOCKET_RECORD).write_text(socket_path + "\n")
-        proxy = self.settings.proxy
         identity = TlsIdentity(self.config.cert_file.read_bytes(), self.config.key_file.read_bytes(), self.root_ca_pem)
         self.connector = OutboundConnector(
             self.config.site,
             self.config.relays,
             identity,
             socket_path,
-            proxy=HttpProxy.from_url(proxy) if proxy else HttpProxy.from_environment(self.config.relays[0].host),
+            proxies=self.proxies,
             relay_data=self.settings.relay_data,
         )
         return f"unix:{socket_path}"
@@ -187,6 +190,10 @@ class SiteAgent:
         os.close(self._lock_fd)
         self._server = None
         log.info("agent of site %s stopped", self.config.site)
+
+
+def _route(proxy: HttpProxy | None) -> str:
+    return f"through proxy {proxy.describe()}" if proxy else "directly"
 
 
 def _lock_work_dir(work: Path) -> int:

@@ -22,7 +22,7 @@ from site_agent.site_settings import SiteSettings, load_site_settings
 
 GOOD_SETTINGS = {"data_dir": "data", "work_dir": "work", "gpus": [0], "allow_custom_code": False,
                  "max_concurrent_cpu_tasks": 2, "preload_modules": ["torch"], "connect": "outbound",
-                 "proxy": "http://proxy.example:3128"}
+                 "proxy": "http://proxy.example:3128", "no_proxy": "relay.lan, 10.0.0.0/8"}
 GOOD_AGENT = {"project": "demo", "site": "site-1", "org": "a", "server": "server1", "servers": ["server1"],
               "listen_host": "0.0.0.0", "port": 8102, "cert": "site-1.crt", "key": "site-1.key", "root_ca": "rootCA.pem",
               "relays": [{"name": "server1", "host": "relay.example", "port": 8002}]}
@@ -64,6 +64,8 @@ def load_settings(raw: bytes, *named: str) -> None:
 @example(field="preload_modules", value=["torch\n"]).via("a trailing newline (was accepted)")
 @example(field="proxy", value="http://[::1")
 @example(field="proxy", value="http://h:99999")
+@example(field="no_proxy", value="relay.lan:99999")
+@example(field="no_proxy", value=["relay.lan", 8002])
 @example(field="gpus", value=[0, 0])
 def test_one_hostile_setting_is_named(field, value):
     doc = copy.deepcopy(GOOD_SETTINGS)

@@ -66,7 +66,7 @@ def accepts(port: int) -> bool:
 
 
 @pytest.mark.parametrize("tamper, problem", [
-    (lambda s: (s / "server.json").write_text((s / "server.json").read_text().replace("0.0.0.0", "1.2.3.4")),
+    (lambda s: (s / "server.json").write_text((s / "server.json").read_text().replace('"::"', '"1.2.3.4"')),
      "changed file: server.json"),
     (lambda s: (s / "extra.pem").write_text("planted"), "added file: extra.pem"),
     (lambda s: (s / "stop.sh").unlink(), "missing file: stop.sh"),
@@ -188,7 +188,7 @@ def test_an_intact_server_kit_loads_with_its_relays(kits):
     kit = load_caller_kit(kits[0].kits["relay-2"])
     assert [(r.name, r.port) for r in kit.relays] == [(name, port) for name, port in kits[1].items()]
     config = json.loads((kits[0].kits["relay-2"] / "startup" / "server.json").read_text())
-    assert config["relay"] == {"host": "0.0.0.0", "port": kits[1]["relay-2"]}
+    assert config["relay"] == {"host": "::", "port": kits[1]["relay-2"]}
 
 
 def test_import_connection_verifies_the_server_kit_first(kits, tmp_path, airflow_db):

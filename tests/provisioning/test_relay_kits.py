@@ -68,7 +68,7 @@ def test_every_server_gets_its_own_kit_relay_and_connection(ha):
             assert stat.S_IMODE((kit / "startup" / script).stat().st_mode) == 0o755
         config = read_json(kit, "server.json")
         assert config["server"] == server
-        assert config["relay"] == {"host": "0.0.0.0", "port": port}
+        assert config["relay"] == {"host": "::", "port": port}
         assert config["relays"] == RELAYS
         assert {site["connect"] for site in config["sites"].values()} == {"outbound"}
         (conn_id, fields), = read_json(kit, "connections.json").items()

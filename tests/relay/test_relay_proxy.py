@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from relay_support import RELAYS, attached, relay_endpoint, relay_status, run_rounds, wait_attached
@@ -15,6 +19,20 @@ from flare_provider.poc import free_port
 
 SITE = "site-3"
 USER, PASSWORD = "flare-site", "proxy-s3cret"
+PROXY_VARIABLES = {"https_proxy", "http_proxy", "all_proxy", "no_proxy"}  # either case
+
+
+def wait_listening(proxy: subprocess.Popen, host: str, port: int) -> None:
+    """Until tinyproxy accepts connections (its log says nothing of listening at LogLevel Connect)."""
+    deadline = time.monotonic() + 10
+    while True:
+        assert proxy.poll() is None, f"tinyproxy exited with {proxy.returncode}"
+        with socket.socket() as probe:
+            probe.settimeout(0.5)
+            if probe.connect_ex((host, port)) == 0:
+                return
+        assert time.monotonic() < deadline, f"tinyproxy not accepting on {host}:{port} after 10 s"
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -28,12 +46,12 @@ def tinyproxy(relayed, tmp_path):
     lines += [f"ConnectPort {relay_endpoint(relayed, server).port}" for server in RELAYS]
     conf.write_text("\n".join(lines) + "\n")
     proc = subprocess.Popen([binary, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.time() + 10
-    while not (log.exists() and "listening" in log.read_text().lower()) and time.time() < deadline:
-        time.sleep(0.1)
-    yield port, log
-    proc.terminate()
-    proc.wait(10)
+    try:
+        wait_listening(proc, "127.0.0.1", port)
+        yield port, log
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def restart_with_proxy(relayed, url: str | None, relay_data: str = "plain") -> None:
@@ -94,6 +112,92 @@ def test_a_wrong_proxy_password_is_reported_and_the_site_stays_detached(relayed,
         relayed.agent(SITE).wait_ready()
 
 
+def connects(log: Path, port: int) -> int:
+    """How many CONNECT requests for the relay at 127.0.0.1:``port`` the proxy has logged."""
+    return len(re.findall(rf"Request \(file descriptor \d+\): CONNECT 127\.0\.0\.1:{port} HTTP/", log.read_text()))
+
+
+def start_with_environment(relayed, variables: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """The site's agent started again with ``variables`` in its environment and no proxy in site.yaml."""
+    relayed.agent(SITE).stop()
+    relayed.set_site_settings(SITE, proxy=None)
+    env = {k: v for k, v in os.environ.items() if k.lower() not in PROXY_VARIABLES}
+    env.update(GRPC_VERBOSITY="ERROR", **variables)
+    with open(log_path, "wb") as agent_log:
+        return subprocess.Popen(relayed.agent(SITE).command(), env=env, stdout=agent_log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+
+
+def restore(relayed, agent: subprocess.Popen) -> None:
+    agent.terminate()
+    agent.wait(30)
+    relayed.agent(SITE).start()
+
+
+def test_a_site_takes_its_proxy_from_https_proxy_in_its_environment(relayed, tinyproxy, tmp_path):
+    port, log = tinyproxy
+    relay_ports = {server: relay_endpoint(relayed, server).port for server in RELAYS}
+    before = {server: connects(log, relay_ports[server]) for server in RELAYS}
+    started = time.time()
+    agent = start_with_environment(relayed, {"https_proxy": f"http://{USER}:{PASSWORD}@127.0.0.1:{port}"},
+                                   tmp_path / "env-agent.log")
+    try:
+        for server in RELAYS:
+            wait_attached(relayed, server, [SITE], since=started)
+        attaching = {server: connects(log, relay_ports[server]) for server in RELAYS}
+        carried = {server: relay_status(relayed, server)["bytes"] for server in RELAYS}
+        assert run_rounds(relayed, tmp_path).history[-1].accepted == list(relayed.sites)
+        after = {server: connects(log, relay_ports[server]) for server in RELAYS}
+        used = [s for s in RELAYS if relay_status(relayed, s)["bytes"] > carried[s]]
+        assert all(attaching[s] > before[s] for s in RELAYS), (before, attaching)  # each attachment
+        assert used and all(after[s] > attaching[s] for s in used), (attaching, after, used)  # the round's paths
+        agent_log = (tmp_path / "env-agent.log").read_text()
+        for server in RELAYS:
+            assert (f"attached to relay {server} at 127.0.0.1:{relay_ports[server]} through proxy 127.0.0.1:{port}"
+                    in agent_log), agent_log
+    finally:
+        restore(relayed, agent)
+
+
+def test_a_relay_named_in_no_proxy_is_dialled_directly_and_the_other_through_the_proxy(relayed, tinyproxy, tmp_path):
+    """HA with one relay on the site's side of the proxy: NO_PROXY (upper case) names it, with its port."""
+    port, log = tinyproxy
+    direct, proxied = RELAYS  # the Airflow side opens paths through the first relay: the direct one
+    relay_ports = {server: relay_endpoint(relayed, server).port for server in RELAYS}
+    before = {server: connects(log, relay_ports[server]) for server in RELAYS}
+    started = time.time()
+    agent = start_with_environment(relayed, {"HTTPS_PROXY": f"http://{USER}:{PASSWORD}@127.0.0.1:{port}",
+                                             "NO_PROXY": f"relay.example.invalid, 127.0.0.1:{relay_ports[direct]}"},
+                                   tmp_path / "env-agent.log")
+    try:
+        for server in RELAYS:
+            wait_attached(relayed, server, [SITE], since=started)
+        carried = relay_status(relayed, direct)["bytes"]
+        assert run_rounds(relayed, tmp_path).history[-1].accepted == list(relayed.sites)
+        assert relay_status(relayed, direct)["bytes"] > carried  # the round's paths went through the direct relay
+        after = {server: connects(log, relay_ports[server]) for server in RELAYS}
+        assert after[direct] == before[direct], (before, after)  # neither its attachment nor its paths
+        assert after[proxied] > before[proxied], (before, after)
+        agent_log = (tmp_path / "env-agent.log").read_text()
+        assert f"attached to relay {direct} at 127.0.0.1:{relay_ports[direct]} directly" in agent_log, agent_log
+        assert (f"attached to relay {proxied} at 127.0.0.1:{relay_ports[proxied]} through proxy 127.0.0.1:{port}"
+                in agent_log), agent_log
+    finally:
+        restore(relayed, agent)
+
+
+def test_a_malformed_no_proxy_stops_the_agent_naming_the_entry(relayed, tmp_path):
+    agent = start_with_environment(relayed, {"https_proxy": f"http://{USER}:{PASSWORD}@127.0.0.1:9",
+                                             "no_proxy": "relay lan"}, tmp_path / "env-agent.log")
+    try:
+        assert agent.wait(60) == 2
+        agent_log = (tmp_path / "env-agent.log").read_text()
+        assert "error: environment variable no_proxy: no_proxy entry 'relay lan' is not a host name" in agent_log
+        assert PASSWORD not in agent_log
+    finally:
+        restore(relayed, agent)
+
+
 @pytest.fixture
 def site_namespace(relayed, tmp_path):
     """A network namespace joined to this machine by one veth pair, with a tinyproxy on the host
@@ -124,12 +228,12 @@ def site_namespace(relayed, tmp_path):
         conf.write_text("\n".join(lines) + "\n")
         proxy = subprocess.Popen([shutil.which("tinyproxy") or "/usr/bin/tinyproxy", "-d", "-c", str(conf)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.time() + 10
-        while not (log.exists() and "listening" in log.read_text().lower()) and time.time() < deadline:
-            time.sleep(0.1)
-        yield ns, f"http://{USER}:{PASSWORD}@{host_ip}:{port}", log
-        proxy.terminate()
-        proxy.wait(10)
+        try:
+            wait_listening(proxy, host_ip, port)
+            yield ns, f"http://{USER}:{PASSWORD}@{host_ip}:{port}", log
+        finally:
+            proxy.terminate()
+            proxy.wait(10)
     finally:
         subprocess.run(["ip", "link", "del", host_if], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
