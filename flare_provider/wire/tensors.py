@@ -157,10 +157,10 @@ def save_file(
     ``digest``: a hashlib object fed every byte written (the file's digest, without reading it back)."""
     with atomic_file(path, durable=durable) as file:
         out = WritebackWriter(file) if durable else file  # to disk as it comes: the fsync waits for the tail
-        write_tensors_to(out if digest is None else _HashingWriter(out, digest), tensors, metadata)
+        write_tensors_to(out if digest is None else HashingWriter(out, digest), tensors, metadata)
 
 
-class _HashingWriter:
+class HashingWriter:
     """Passes writes on to a file, feeding them to a hash on the way."""
 
     def __init__(self, out: BinaryIO, digest):

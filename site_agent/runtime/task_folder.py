@@ -6,7 +6,8 @@
     worker.json          what the worker process needs (written once, before it starts)
     global.safetensors   the global weights the server sent (removed when the task ends)
     result.safetensors   the trainer's weights (or difference), kept until acknowledged
-    result.json          num_samples, metrics, kind; written last: a result exists once it does
+    result.json          num_samples, metrics, kind, the result file's XXH3-128 and size;
+                         written last and flushed to disk: a result exists once it does
     worker.log           the worker's stdout and stderr
     scratch/             the trainer's work folder
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flare_provider.files import write_atomic
+from flare_provider.files import CHUNK_BYTES, write_atomic
 
 TASKS_DIR = "tasks"
 STAGING_PREFIX = "."
@@ -70,3 +71,39 @@ def write_json_atomic(path: Path, doc: Any, durable: bool = False) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def weights_record(written: tuple[str, int]) -> dict[str, Any]:
+    """What result.json records of result.safetensors: the (XXH3-128 hex, size) its worker wrote."""
+    digest, size = written
+    return {"xxh3_128": digest, "size": size}
+
+
+def damaged_result(paths: TaskPaths) -> str | None:
+    """Why result.safetensors is not the file its worker recorded in result.json, or None.
+
+    The worker does not flush the result to disk (only result.json): after a power cut the
+    file may hold less, or other bytes, than were written. A result.json without the record
+    (an older worker's) is taken at its word.
+    """
+    try:
+        record = read_json(paths.result_info).get("weights")
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"its record result.json is unreadable ({type(exc).__name__})"
+    if not record:
+        return None
+    from flare_provider.wire.checksums import XXH3_128, new_hash  # xxhash only where a result is checked
+
+    digest, size = new_hash(XXH3_128), 0
+    try:
+        with open(paths.result_weights, "rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as exc:
+        return f"result.safetensors is unreadable ({exc.strerror or exc})"
+    if size != record.get("size"):
+        return f"result.safetensors holds {size} bytes, its worker wrote {record.get('size')}"
+    if digest.hexdigest() != record.get("xxh3_128"):
+        return "result.safetensors differs from what its worker wrote (XXH3-128 mismatch)"
+    return None

@@ -26,7 +26,7 @@ from flare_provider.wire.task_state import FAILED, QUEUED, RUNNING, SUCCEEDED, T
 
 from ..errors import InvalidTaskError, UnknownTaskError
 from .metric_series import MetricSeries
-from .task_folder import STAGING_PREFIX, TaskPaths, read_json, write_json_atomic
+from .task_folder import STAGING_PREFIX, TaskPaths, damaged_result, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +218,13 @@ class TaskRecords:
             else:
                 self.change(task, durable=True, status=FAILED, error=RESTARTED, finished_at=time.time())
             paths.global_weights.unlink(missing_ok=True)
-        elif task.state.result_available and not paths.result_weights.is_file():
-            self.change(task, durable=True, result_available=False)
+        if task.state.result_available:
+            if not paths.result_weights.is_file():  # acknowledged: deleted before the state said so
+                self.change(task, durable=True, result_available=False)
+            elif (problem := damaged_result(paths)) is not None:  # the machine went down before it reached the disk
+                log.error("task %s: its result is damaged and will not be served: %s", task.state.task_id, problem)
+                paths.result_weights.unlink(missing_ok=True)
+                self.change(task, durable=True, status=FAILED, result_available=False,
+                            error=f"the result was lost when the site's machine went down ({problem}); "
+                                  "the task must run again")
         return task

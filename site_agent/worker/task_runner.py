@@ -33,7 +33,7 @@ from flare_provider.wire.tensors import RESULT_KIND_KEY, RESULT_PRIVACY_KEY
 from ..privacy import PrivacyConfigError
 from ..privacy.apply import filter_result, record_metadata
 from ..privacy.policy import task_policy
-from ..runtime.task_folder import TaskPaths, write_json_atomic
+from ..runtime.task_folder import TaskPaths, weights_record, write_json_atomic
 from ..trainer import EvalResult, TaskContext, TrainResult
 from ..trainers.scaffold import result_layout
 from . import ranks
@@ -171,8 +171,10 @@ def run_task(paths: TaskPaths, channel: ProgressChannel, rank: int = 0, world_si
         # Built by the app's code, not from the site's data: the site's filters do not apply.
         privacy = {"applied": [], "refused": refused, "unfiltered": "initial model"}
         info = {"kind": "weights", "num_samples": 0, "metrics": {}, "privacy": privacy}
-        save_weights(paths.result_weights, initial, {RESULT_KIND_KEY: "weights", "flare.task_id": ctx.task_id,
-                                                     RESULT_PRIVACY_KEY: record_metadata(privacy)})
+        info["weights"] = weights_record(save_weights(
+            paths.result_weights, initial,
+            {RESULT_KIND_KEY: "weights", "flare.task_id": ctx.task_id, RESULT_PRIVACY_KEY: record_metadata(privacy)},
+        ))
     else:
         outcome = trainer.train(weights, ctx)
         if not isinstance(outcome, TrainResult):
@@ -188,9 +190,11 @@ def run_task(paths: TaskPaths, channel: ProgressChannel, rank: int = 0, world_si
                 "metrics": finite_metrics(outcome.metrics, "train() metrics"), "privacy": privacy}
         # The site's word on passing this model on to other sites travels with the model itself.
         share = "true" if job.get("share_local_model") is True else "false"
-        save_weights(paths.result_weights, update, {RESULT_KIND_KEY: kind, "flare.task_id": ctx.task_id,
-                                                    RESULT_PRIVACY_KEY: record_metadata(privacy),
-                                                    SHARE_LOCAL_MODEL_KEY: share})
+        info["weights"] = weights_record(save_weights(
+            paths.result_weights, update,
+            {RESULT_KIND_KEY: kind, "flare.task_id": ctx.task_id, RESULT_PRIVACY_KEY: record_metadata(privacy),
+             SHARE_LOCAL_MODEL_KEY: share},
+        ))
     if ctx.rank != 0:
         return
     write_json_atomic(paths.result_info, info, durable=True)  # the commit point of the result

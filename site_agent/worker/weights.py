@@ -13,9 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from flare_provider.files import WritebackWriter, atomic_file
+from flare_provider.files import atomic_file
+from flare_provider.wire.checksums import XXH3_128, new_hash
 from flare_provider.wire.tensors import (
     SAFETENSORS_DTYPES,
+    HashingWriter,
     TensorFile,
     TensorFormatError,
     TensorSpec,
@@ -145,13 +147,20 @@ def check_update(expected: Mapping[str, TensorSpec], weights: Any, is_difference
             raise WeightsError(f"tensor {name!r} holds NaN or infinite values")
 
 
-def save_weights(path: Path, weights: Mapping[str, Any], metadata: dict[str, str] | None = None) -> None:
-    """Write ``weights`` as safetensors atomically (temp file, then rename).
+def save_weights(path: Path, weights: Mapping[str, Any], metadata: dict[str, str] | None = None) -> tuple[str, int]:
+    """Write ``weights`` as safetensors atomically (temp file, then rename); the file's
+    XXH3-128 (hex) and size, hashed as it was written.
 
     Streamed tensor by tensor from the arrays' own memory (a CPU torch tensor is viewed as
     an array, not copied); only a bfloat16 or float8 tensor, which numpy cannot view, goes
     through the safetensors library, which builds the whole file in memory first.
+
+    Not fsynced: the worker records the digest with the result (durably), and an agent
+    restarted after a power cut checks the file against it (``TaskRecords``), so a result
+    whose bytes never reached the disk is not served. Flushing hundreds of MiB on every
+    task would cost more than the rare retraining it saves.
     """
+    digest = new_hash(XXH3_128)
     if any(_is_torch(v) for v in weights.values()):
         import torch
 
@@ -160,17 +169,18 @@ def save_weights(path: Path, weights: Mapping[str, Any], metadata: dict[str, str
         if any(str(v.dtype).removeprefix("torch.") not in _NUMPY_VIEWABLE for v in tensors.values()):
             from safetensors.torch import save
 
-            with atomic_file(path, mode=0o600) as out:
-                WritebackWriter(out).write(save(tensors, metadata=metadata))
-            return
+            data = save(tensors, metadata=metadata)
+            digest.update(data)
+            with atomic_file(path, mode=0o600, durable=False) as out:
+                out.write(data)
+            return digest.hexdigest(), len(data)
         arrays = {k: v.numpy() for k, v in tensors.items()}
     else:
         arrays = {k: np.asarray(v, order="C") for k, v in weights.items()}
-    # Flushed to disk before the result is recorded (the record is the commit point): a
-    # power cut must not leave a recorded result whose bytes never reached the disk. The
-    # kernel writes it out as it comes, so the closing fsync waits for the tail only.
-    with atomic_file(path, mode=0o600) as out:
-        write_tensors_to(WritebackWriter(out), arrays, metadata)
+    with atomic_file(path, mode=0o600, durable=False) as out:
+        write_tensors_to(HashingWriter(out, digest), arrays, metadata)
+        size = out.tell()
+    return digest.hexdigest(), size
 
 
 def finite_metrics(metrics: Any, what: str) -> dict[str, float]:

@@ -1,5 +1,4 @@
-"""Large files that are fsynced at their end go to disk while they are written, and a
-worker's result is on disk before the agent records it.
+"""Large files that are fsynced at their end go to disk while they are written.
 
 What the kernel holds of a file is read with ``cachestat(2)`` (Linux 6.5+): how many of
 its cached pages are dirty (not yet written) and how many are being written back.
@@ -14,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from flare_provider.files import WRITEBACK_BYTES, WritebackWriter
-from site_agent.worker.weights import save_weights
 
 MIB = 1 << 20
 _CACHESTAT = 451  # x86-64 and arm64 syscall number
@@ -56,13 +54,3 @@ def test_a_file_written_through_the_writeback_writer_goes_to_disk_as_it_is_writt
     # Through the writer, all but the last WRITEBACK_BYTES were handed to the disk as they came.
     dirty = page_counts(written_back)[1]
     assert dirty <= WRITEBACK_BYTES // os.sysconf("SC_PAGE_SIZE"), f"{dirty} of {pages} pages still dirty"
-
-
-def test_a_workers_result_is_on_disk_when_it_is_saved(tmp_path):
-    """The worker records its result (the commit point the agent trusts) after saving it:
-    a power cut after the record must not find a result whose bytes never reached the disk."""
-    result = tmp_path / "result.safetensors"
-    save_weights(result, {"w": np.full(6 * MIB, 1.5, np.float32), "b": np.arange(7, dtype=np.int64)})
-    cached, dirty, writeback = page_counts(result)
-    assert cached > 0 and dirty == 0 and writeback == 0
-    assert oct(result.stat().st_mode & 0o777) == oct(0o600)

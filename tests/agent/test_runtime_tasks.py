@@ -294,6 +294,41 @@ def test_results_survive_a_restart(probe_store, tmp_path):
         second.close()
 
 
+@pytest.mark.parametrize("damage", ["cut short", "bytes changed"])
+def test_a_result_damaged_while_the_agent_was_down_is_not_served(probe_store, tmp_path, damage):
+    """The worker does not flush its result to disk; a power cut may leave less, or other
+    bytes, than it wrote. The agent checks the file against the XXH3-128 and size the worker
+    recorded, and fails the task (to be run again) rather than serve it."""
+    settings = site_settings(tmp_path / "site")
+    first = TaskManager(settings, probe_store, SITE)
+    first.start()
+    submit(first, "hit", tmp_path)
+    submit(first, "spared", tmp_path)
+    assert wait_finished(first, "hit").status == "succeeded" and wait_finished(first, "spared").status == "succeeded"
+    result, _ = first.result_file("hit")
+    first.close()
+
+    data = result.read_bytes()
+    if damage == "cut short":
+        result.write_bytes(data[: len(data) // 2])
+    else:  # same size, the last bytes zeroed: what a file whose tail never reached the disk reads as
+        result.write_bytes(data[:-8] + bytes(8))
+    second = TaskManager(settings, probe_store, SITE)
+    second.start()
+    try:
+        state = second.get("hit")
+        assert (state.status, state.result_available) == ("failed", False)
+        assert "lost when the site's machine went down" in state.error and "run again" in state.error
+        with pytest.raises(NoResultError, match="lost when the site's machine went down"):
+            second.result_file("hit")
+        assert not result.exists()
+        kept = second.get("spared")  # a result that is whole is served as before
+        assert kept.status == "succeeded" and kept.result_available
+        assert load_file(second.result_file("spared")[0])["b"].tolist() == [1.0] * 3
+    finally:
+        second.close()
+
+
 def test_close_records_running_tasks_as_stopped(probe_store, tmp_path):
     tasks = TaskManager(site_settings(tmp_path / "site"), probe_store, SITE)
     tasks.start()
