@@ -13,6 +13,7 @@ import numpy as np
 from flare_provider.client import load_caller_kit
 from flare_provider.federation.records import RunSpec
 from flare_provider.federation.scatter_gather import ScatterGatherRun
+from flare_provider.poc import prepare
 from flare_provider.relay.dial import dial_relay
 from flare_provider.relay.server import Relay
 from flare_provider.relay.tls import TlsIdentity
@@ -21,6 +22,21 @@ from flare_provider.wire.tensors import save_file
 
 APP = Path(__file__).parent / "apps" / "slow_plus_one"
 RELAYS = ("airflow-server", "airflow-server-2")
+
+
+def outbound_federation(root, name: str, num_relays: int):
+    """Three outbound sites attached to ``num_relays`` relays, the test app deployed; stopped on exit."""
+    fed = prepare(root, f"{name}_{uuid.uuid4().hex[:6]}", 3, digits_data=False, connect="outbound", num_relays=num_relays)
+    for site in fed.sites:
+        # The test app brings its own code and imports numpy only.
+        fed.set_site_settings(site, allow_custom_code=True, preload_modules=[])
+        fed.data_dir(site).mkdir(exist_ok=True)
+    try:  # the relays start before the agents: stopped also when an agent does not come up
+        fed.start_agents()
+        fed.deploy_app(APP)
+        yield fed
+    finally:
+        fed.stop_agents()
 
 
 def server_identity(fed) -> TlsIdentity:
