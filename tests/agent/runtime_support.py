@@ -63,7 +63,7 @@ def new_store(fed: Federation, root: Path, **kwargs) -> AppStore:
 
 PROBE_TRAINER = '''
 """A test trainer whose behaviour the round config chooses; it logs each call to events.jsonl."""
-import json, os, signal, subprocess, sys, time
+import gc, json, os, signal, subprocess, sys, time
 import numpy as np
 from site_agent.trainer import EvalResult, Trainer, TrainResult
 
@@ -72,7 +72,7 @@ def _event(ctx, what, **extra):
     record = {"event": what, "task_id": ctx.task_id, "pid": os.getpid(), "time": time.time(),
               "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": ctx.device,
               "ppid": os.getppid(), "torch_threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None,
-              **extra}
+              "gc_frozen": gc.get_freeze_count(), **extra}
     with open(ctx.data_dir / "events.jsonl", "a") as f:
         f.write(json.dumps(record) + "\\n")
 
