@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -32,13 +33,36 @@ STOP_TIMEOUT = 30.0
 
 
 def free_port(preferred: int | None = None) -> int:
-    """A port free on 127.0.0.1: ``preferred`` when it is free, else any."""
+    """A port free on 127.0.0.1: ``preferred`` when it is free, else one below the kernel's
+    ephemeral range.
+
+    A port the kernel hands out itself (bind to 0) lies in the range it also gives outgoing
+    connections: between the moment it is chosen here and the moment an agent or relay
+    binds it, any connection on the machine may take it (with dozens of sites starting, one
+    did). Below that range only a listener can, and a listener is seen when binding here.
+    """
     with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred or 0))
-        except OSError:
-            s.bind(("127.0.0.1", 0))
+        candidates = ([preferred] if preferred else []) + random.sample(range(_LISTEN_PORTS_FROM, _ephemeral_start()), 64)
+        for port in candidates:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+        s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_LISTEN_PORTS_FROM = 20000
+
+
+def _ephemeral_start() -> int:
+    """The first port of the kernel's range for outgoing connections (32768 where unknown)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return max(low, _LISTEN_PORTS_FROM + 1024)
 
 
 @dataclass
