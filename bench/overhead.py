@@ -126,9 +126,9 @@ def run(
             "*overhead* = round - the longest time a site spent inside `train()`. *Worker start-up*: from the agent "
             "starting the task's process to `train()` being entered (the fork, loading the app, the trainer and "
             "the weights). *Worker exit*: from `train()` returning to the agent recording the result "
-            "(checking and writing the result, fsync, process exit). Scatter, gather and aggregate + commit + ack "
-            "add up to the round. The limit is one `GetStatus` round trip to each site, one after the other, "
-            "measured on the same agents in the same run."
+            "(checking the result, writing it and its record, the record fsynced, process exit). Scatter, gather "
+            "and aggregate + commit + ack add up to the round. The limit is one `GetStatus` round trip to each "
+            "site, one after the other, measured on the same agents in the same run."
         )
         startup = section.table("A task's process start-up, piece by piece", ["how a worker process starts", "ms"])
         for label, seconds in limits.process_startup(startup_runs).items():
@@ -149,7 +149,8 @@ def run(
         "acknowledgement) so that a restarted agent loses no result. The task runs in its own process, forked "
         "from the agent's warm launcher (`site_agent/runtime/launcher.py`) in a few milliseconds (last row of the table "
         "above) instead of a new interpreter importing the worker and PyTorch every round; the worker loads the "
-        "app and the weights, and writes and fsyncs its result. Snapshots to S3 add their requests (commit "
+        "app and the weights, and writes its result (hashed as it is written) and an fsynced record of it. "
+        "Snapshots to S3 add their requests (commit "
         "check, model, state, commit marker) to every round. With 8 sites, 8 agents and their workers share 2 "
         "cores with the engine, so the per-site steps queue for the CPU."
     )
