@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import runtime_support
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # keep the handshake failures we provoke out of the output
 
@@ -26,6 +27,7 @@ from flare_provider.client import AgentClient, load_caller_kit
 from flare_provider.provisioning import load_project, provision
 from flare_provider.wire.bundles import build_bundle
 from site_agent.runtime.processes import worker_processes
+from site_agent.runtime.task_manager import TaskManager
 from site_agent.service.audit import AUDIT_FILE, read_audit_log
 
 SERVER = "fl-server"
@@ -192,3 +194,40 @@ def wait_until():
     return _wait_until
 
 
+# ---- the task manager's tests (test_runtime_tasks, test_runtime_launcher): one provisioned
+# federation and an app store with the probe app per module; managers stopped after each test
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    return runtime_support.provision_federation(tmp_path_factory.mktemp("workspace"))
+
+
+@pytest.fixture(scope="module")
+def probe_store(fed, tmp_path_factory):
+    """One app store with the probe app deployed, shared by the module's task managers."""
+    base = tmp_path_factory.mktemp("store")
+    store = runtime_support.new_store(fed, base / "apps")
+    store.deploy(runtime_support.bundle_file(fed, runtime_support.write_probe_app(base / "probe"), base / "probe.zip"))
+    return store
+
+
+@pytest.fixture
+def make_manager(probe_store, tmp_path):
+    managers = []
+
+    def make(**settings_kwargs) -> TaskManager:
+        settings = runtime_support.site_settings(tmp_path / "site", **settings_kwargs)
+        manager = TaskManager(settings, probe_store, runtime_support.SITE)
+        manager.start()
+        managers.append(manager)
+        return manager
+
+    yield make
+    for manager in managers:
+        manager.close()
+
+
+@pytest.fixture
+def tasks(make_manager) -> TaskManager:
+    return make_manager()

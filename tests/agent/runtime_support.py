@@ -15,6 +15,7 @@ from flare_provider.wire.bundles import build_bundle
 from flare_provider.wire.task_state import TERMINAL_STATUSES, TaskState
 from site_agent.runtime.app_store import AppStore
 from site_agent.runtime.task_manager import TaskManager
+from site_agent.runtime.task_records import TaskSpec
 from site_agent.site_settings import SiteSettings
 from site_agent.worker.weights import save_weights
 
@@ -178,3 +179,10 @@ def wait_pid_gone(pid: int, timeout: float = 10) -> bool:
             return True
         time.sleep(0.05)
     return not pid_alive(pid)
+
+
+def submit(tasks: TaskManager, task_id: str, tmp_path, **spec):
+    """Submit a probe task with fresh weights; (state, created)."""
+    spec.setdefault("round", 0)
+    weights = probe_weights(tmp_path / f"{task_id}.safetensors")
+    return tasks.submit(TaskSpec(task_id=task_id, app_name="probe", app_version=None, **spec), weights)

@@ -9,23 +9,19 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 from runtime_support import (
     REPO,
     SITE,
-    bundle_file,
-    new_store,
     pid_alive,
     probe_weights,
-    provision_federation,
     read_events,
     site_settings,
+    submit,
     wait_finished,
     wait_pid_gone,
     wait_until,
-    write_probe_app,
 )
 from safetensors.numpy import load_file
 
@@ -33,46 +29,6 @@ from site_agent.errors import InvalidTaskError, NoResultError, TaskRejected, Unk
 from site_agent.runtime.task_manager import TaskManager
 from site_agent.runtime.task_records import TaskSpec
 from site_agent.worker.task_runner import RESULT_KIND_KEY
-
-
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory):
-    return provision_federation(tmp_path_factory.mktemp("workspace"))
-
-
-@pytest.fixture(scope="module")
-def probe_store(fed, tmp_path_factory):
-    """One app store with the probe app deployed, shared by the module's task managers."""
-    base = tmp_path_factory.mktemp("store")
-    store = new_store(fed, base / "apps")
-    store.deploy(bundle_file(fed, write_probe_app(base / "probe"), base / "probe.zip"))
-    return store
-
-
-@pytest.fixture
-def make_manager(probe_store, tmp_path):
-    managers = []
-
-    def make(**settings_kwargs) -> TaskManager:
-        manager = TaskManager(site_settings(tmp_path / "site", **settings_kwargs), probe_store, SITE)
-        manager.start()
-        managers.append(manager)
-        return manager
-
-    yield make
-    for manager in managers:
-        manager.close()
-
-
-@pytest.fixture
-def tasks(make_manager) -> TaskManager:
-    return make_manager()
-
-
-def submit(tasks: TaskManager, task_id: str, tmp_path, **spec):
-    spec.setdefault("round", 0)
-    weights = probe_weights(tmp_path / f"{task_id}.safetensors")
-    return tasks.submit(TaskSpec(task_id=task_id, app_name="probe", app_version=None, **spec), weights)
 
 
 def test_training_task_writes_a_checked_result(tasks, tmp_path):
@@ -403,53 +359,3 @@ def test_restart_after_the_agent_was_killed(fed, probe_store, tmp_path):
         assert crashed.seq > 1
     finally:
         restarted.close()
-
-
-# ---- the warm worker launcher: tasks are forked from one process that has imported the worker already
-
-
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def start_events(tasks: TaskManager) -> dict[str, dict]:
-    return {e["task_id"]: e for e in read_events(tasks.settings.data_dir) if e["event"] == "start"}
-
-
-def test_tasks_fork_from_one_launcher_that_preloaded_torch(make_manager, tmp_path):
-    tasks = make_manager(max_concurrent_cpu_tasks=2)
-    for task_id in ("first", "second"):
-        assert wait_finished(tasks, submit(tasks, task_id, tmp_path)[0].task_id).status == "succeeded"
-    events = start_events(tasks)
-    launcher = events["first"]["ppid"]
-    assert events["second"]["ppid"] == launcher != os.getpid()
-    assert parent_of(launcher) == os.getpid()  # the agent's own child
-    assert events["first"]["pid"] != events["second"]["pid"]
-    # PyTorch was imported before the fork, and each task still gets its own share of the cores.
-    assert events["first"]["torch_threads"] == max(1, (os.cpu_count() or 1) // 2)
-    # What the launcher imported is frozen for the garbage collector: a worker's collections
-    # never walk PyTorch's objects (hundreds of thousands of them).
-    assert events["first"]["gc_frozen"] > 100_000
-    tasks.close()
-    assert wait_pid_gone(launcher)
-
-
-def test_nothing_preloaded_when_the_site_says_so(make_manager, tmp_path):
-    tasks = make_manager(preload_modules=())
-    assert wait_finished(tasks, submit(tasks, "plain", tmp_path)[0].task_id).status == "succeeded"
-    assert start_events(tasks)["plain"]["torch_threads"] is None
-
-
-def test_a_launcher_that_died_is_replaced(make_manager, tmp_path):
-    tasks = make_manager(max_concurrent_cpu_tasks=1)
-    submit(tasks, "cut", tmp_path, config={"sleep": 120, "steps": 120})
-    wait_until(tasks, "cut", ("running",))
-    worker = tasks.worker_pid("cut")
-    launcher = parent_of(worker)
-    os.kill(launcher, signal.SIGKILL)
-    cut = wait_finished(tasks, "cut", timeout=30)
-    assert cut.status == "failed" and "SIGKILL" in cut.error
-    assert wait_pid_gone(worker)  # it noticed its launcher was gone and ended its group
-    assert wait_finished(tasks, submit(tasks, "after", tmp_path)[0].task_id).status == "succeeded"
-    new_launcher = start_events(tasks)["after"]["ppid"]
-    assert new_launcher != launcher and pid_alive(new_launcher)
