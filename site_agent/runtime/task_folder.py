@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flare_provider.files import CHUNK_BYTES, write_atomic
+from flare_provider.files import write_atomic
 
 TASKS_DIR = "tasks"
 STAGING_PREFIX = "."
@@ -92,18 +92,16 @@ def damaged_result(paths: TaskPaths) -> str | None:
         return f"its record result.json is unreadable ({type(exc).__name__})"
     if not record:
         return None
-    from flare_provider.wire.checksums import XXH3_128, new_hash  # xxhash only where a result is checked
+    from flare_provider.wire.checksums import XXH3_128  # the payload modules only where a result is checked
+    from flare_provider.wire.chunks import PayloadError, hash_prefix
 
-    digest, size = new_hash(XXH3_128), 0
     try:
-        with open(paths.result_weights, "rb") as f:
-            while chunk := f.read(CHUNK_BYTES):
-                digest.update(chunk)
-                size += len(chunk)
-    except OSError as exc:
-        return f"result.safetensors is unreadable ({exc.strerror or exc})"
-    if size != record.get("size"):
-        return f"result.safetensors holds {size} bytes, its worker wrote {record.get('size')}"
-    if digest.hexdigest() != record.get("xxh3_128"):
+        size = paths.result_weights.stat().st_size
+        if size != record.get("size"):
+            return f"result.safetensors holds {size} bytes, its worker wrote {record.get('size')}"
+        digest = hash_prefix(paths.result_weights, size, checksum=XXH3_128).hexdigest()
+    except (OSError, PayloadError) as exc:  # PayloadError: it shrank while it was read
+        return f"result.safetensors is unreadable ({getattr(exc, 'strerror', None) or exc})"
+    if digest != record.get("xxh3_128"):
         return "result.safetensors differs from what its worker wrote (XXH3-128 mismatch)"
     return None
