@@ -158,3 +158,8 @@ def _variable(environ: Mapping[str, str], lower: str, upper: str) -> tuple[str, 
         if environ.get(name, "").strip():
             return f"environment variable {name}", environ[name].strip()
     return f"environment variable {lower}", ""
+
+
+def route(proxy: HttpProxy | None) -> str:
+    """How a relay is dialled, for the logs: ``through proxy host:port`` or ``directly``."""
+    return f"through proxy {proxy.describe()}" if proxy else "directly"

@@ -34,6 +34,8 @@ from flare_provider.relay.protocol import (
 from flare_provider.relay.splice import BUFFER_LIMIT, splice, splice_sockets
 from flare_provider.relay.tls import TlsIdentity
 
+from ..relay_proxies import route
+
 log = logging.getLogger(__name__)
 
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 1.0, 60.0
@@ -179,8 +181,7 @@ class OutboundConnector:
             await splice(relay_end[0], relay_end[1], agent_reader, agent_writer)
 
     def _via(self, relay: RelayEndpoint) -> str:
-        proxy = self.proxies.get(relay.name)
-        return f" through proxy {proxy.describe()}" if proxy else " directly"
+        return f" {route(self.proxies.get(relay.name))}"
 
 
 def _reason(exc: BaseException) -> str:

@@ -22,13 +22,12 @@ import grpc
 
 from flare_provider.provisioning.kits import STARTUP
 from flare_provider.provisioning.signature import require_valid
-from flare_provider.relay.dial import HttpProxy
 from flare_provider.relay.tls import TlsIdentity
 from flare_provider.wire.chunks import MAX_MESSAGE_BYTES, PARTIAL_PREFIX
 from flare_provider.wire.payload_codec import add_agent_servicer
 
 from ..kit_config import ConfigError, load_agent_config
-from ..relay_proxies import relay_proxies
+from ..relay_proxies import relay_proxies, route
 from ..runtime.app_store import APPS_DIR, AppStore
 from ..runtime.task_manager import TaskManager
 from ..site_settings import load_site_settings
@@ -107,7 +106,7 @@ class SiteAgent:
         self._server = server
         if self.connector is not None:
             self.connector.start()
-            routes = [f"{r.name} ({r.address}, {_route(self.proxies.get(r.name))})" for r in self.config.relays]
+            routes = [f"{r.name} ({r.address}, {route(self.proxies.get(r.name))})" for r in self.config.relays]
             log.info("agent of site %s (project %s) dials out to relays %s; mutual TLS end to end, no port open",
                      self.config.site, self.config.project, ", ".join(routes))
         else:
@@ -190,10 +189,6 @@ class SiteAgent:
         os.close(self._lock_fd)
         self._server = None
         log.info("agent of site %s stopped", self.config.site)
-
-
-def _route(proxy: HttpProxy | None) -> str:
-    return f"through proxy {proxy.describe()}" if proxy else "directly"
 
 
 def _lock_work_dir(work: Path) -> int:
