@@ -243,8 +243,9 @@ def cmd_relay_start(args: argparse.Namespace) -> int:
     try:
         run_relay(name, identity, host, port)
     except OSError as exc:  # the port is taken or the address is not this machine's
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        print(f"error: relay {name} cannot listen on {where}: {exc}", file=sys.stderr)
+        from .relay.dial import host_port
+
+        print(f"error: relay {name} cannot listen on {host_port(host, port)}: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..provisioning.kits import ADMIN_CONFIG, SERVER_CONFIG, STARTUP
-from ..relay.dial import RelayEndpoint
+from ..relay.dial import RelayEndpoint, host_port
 from ..relay.tls import TlsIdentity
 from .replies import AgentError, AgentStatus
 
@@ -32,7 +32,7 @@ class SiteEndpoint:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @classmethod
     def from_dict(cls, name: str, doc: Any) -> "SiteEndpoint":

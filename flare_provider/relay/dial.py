@@ -29,6 +29,11 @@ from .tls import peer_identity
 CONNECT_TIMEOUT_S = 15.0
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets (``[fd00::1]:8002``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class RelayEndpoint:
     """A relay as kits list it: the server participant it runs as, and where it listens."""
@@ -39,7 +44,7 @@ class RelayEndpoint:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "host": self.host, "port": self.port}
@@ -96,7 +101,7 @@ class HttpProxy:
                    unquote(parsed.password) if parsed.password else None)
 
     def describe(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 def _without_password(url: str) -> str:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import socket
 
+from .dial import host_port
+
 EVERY_ADDRESS = "::"
 _BACKLOG = 512
 # What binding "::" fails with where the kernel or the interpreter has no IPv6 at all;
@@ -94,7 +96,7 @@ def _each_address(host: str, port: int) -> list[socket.socket]:
 
 def _describe(listener: socket.socket) -> str:
     host, port = listener.getsockname()[:2]
-    return f"[{host}]:{port}" if listener.family == socket.AF_INET6 else f"{host}:{port}"
+    return host_port(host, port)
 
 
 def peer_address(peer: tuple) -> str:
@@ -102,4 +104,4 @@ def peer_address(peer: tuple) -> str:
     host, port = peer[0], peer[1]
     if host.startswith("::ffff:") and "." in host:
         return f"{host[len('::ffff:'):]}:{port}"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(host, port)
